@@ -1,0 +1,5 @@
+import sys
+
+from cps4_engine.cli import main
+
+sys.exit(main())
