@@ -45,6 +45,8 @@ class Preset:
         unetr_feature_size: channel width of the UNETR decoder's first level.
         embed_dim: dimension D of the shared pixel/prompt embedding space.
         attention_dim: width of the pixel-over-token cross-attention's queries and keys.
+        attention_stride: the cross-attention runs on pixel embeddings average-pooled by
+            this factor (1 = full resolution), bounding its memory at large slice sizes.
         text_max_length: prompts are truncated to this many tokens.
         seg_channels: channels per level of the stage-2 segmenter (MONAI ``UNet``).
         stage2_batch_size: labeled slices per stage-2 step (the unlabeled batch matches).
@@ -68,6 +70,7 @@ class Preset:
     unetr_feature_size: int
     embed_dim: int
     attention_dim: int
+    attention_stride: int
     text_max_length: int
     seg_channels: tuple[int, ...]
     stage2_batch_size: int
@@ -106,6 +109,7 @@ _PRESETS: dict[str, Preset] = {
         unetr_feature_size=0,
         embed_dim=16,
         attention_dim=16,
+        attention_stride=1,
         text_max_length=24,
         seg_channels=(8, 16, 32),
         stage2_batch_size=4,
@@ -129,6 +133,7 @@ _PRESETS: dict[str, Preset] = {
         unetr_feature_size=0,
         embed_dim=64,
         attention_dim=64,
+        attention_stride=2,
         text_max_length=32,
         seg_channels=(16, 32, 64, 128),
         stage2_batch_size=8,
@@ -152,6 +157,7 @@ _PRESETS: dict[str, Preset] = {
         unetr_feature_size=16,
         embed_dim=256,
         attention_dim=256,
+        attention_stride=4,
         text_max_length=32,
         seg_channels=(32, 64, 128, 256, 512),
         stage2_batch_size=8,
