@@ -1,0 +1,229 @@
+"""NIfTI reading/writing with geometry, sagittal slicing, atomic saves and bad files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cps4_engine.errors import CPS4Error
+from cps4_engine.io import (
+    Volume,
+    atomic_write,
+    from_sagittal,
+    nifti_stem,
+    read_volume,
+    sagittal_spacing,
+    to_sagittal,
+    write_volume,
+)
+
+
+def _marker_volume(shape=(6, 7, 5)) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+
+
+def _affine(permutation, signs, spacing=(1.0, 2.0, 3.0)) -> np.ndarray:
+    """Voxel axis i points along world axis permutation[i] with sign signs[i]."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for axis, (world, sign) in enumerate(zip(permutation, signs)):
+        affine[world, axis] = sign * spacing[axis]
+    affine[:3, 3] = (10.0, -20.0, 30.0)
+    return affine
+
+
+def _world(affine, index):
+    return affine[:3, :3] @ np.asarray(index, dtype=float) + affine[:3, 3]
+
+
+PERMUTATIONS = [(0, 1, 2), (2, 1, 0), (1, 2, 0), (2, 0, 1)]
+SIGNS = [(1, 1, 1), (-1, 1, -1), (1, -1, 1), (-1, -1, -1)]
+
+
+@pytest.mark.parametrize("permutation", PERMUTATIONS)
+@pytest.mark.parametrize("signs", SIGNS)
+def test_sagittal_display_orientation_and_exact_inverse(permutation, signs):
+    affine = _affine(permutation, signs)
+    volume = Volume(_marker_volume(), affine)
+    slices = to_sagittal(volume.array, affine)
+    assert volume.sagittal_axis == permutation.index(0)
+    assert slices.shape[0] == volume.shape[volume.sagittal_axis]
+    value_index = {int(v): idx for idx, v in np.ndenumerate(volume.array)}
+
+    def world_of(s, row, col):
+        return _world(affine, value_index[int(slices[s, row, col])])
+
+    # rows go superior -> inferior (world z decreases), columns anterior -> posterior (y decreases)
+    assert world_of(0, 0, 0)[2] > world_of(0, 1, 0)[2]
+    assert world_of(0, 0, 0)[1] > world_of(0, 0, 1)[1]
+    # one slice lies in one sagittal plane (constant world x)
+    xs = {round(world_of(1, r, c)[0], 6) for r in range(slices.shape[1]) for c in range(slices.shape[2])}
+    assert len(xs) == 1
+    restored = from_sagittal(np.array(slices), affine, volume.shape)
+    np.testing.assert_array_equal(restored, volume.array)
+    assert sagittal_spacing(affine)[0] == pytest.approx(volume.spacing[volume.sagittal_axis])
+
+
+def test_oblique_affine_uses_the_nearest_axis():
+    angle = np.deg2rad(15)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ _affine((2, 1, 0), (1, -1, 1))[:3, :3]
+    volume = Volume(_marker_volume(), affine)
+    assert volume.sagittal_axis == 2
+    np.testing.assert_array_equal(from_sagittal(volume.sagittal(), affine, volume.shape), volume.array)
+
+
+def test_from_sagittal_rejects_wrong_shape():
+    affine = _affine((0, 1, 2), (1, 1, 1))
+    with pytest.raises(ValueError, match="expected"):
+        from_sagittal(np.zeros((2, 2, 2)), affine, (6, 7, 5))
+
+
+def test_write_read_keeps_array_affine_and_is_deterministic(tmp_path):
+    affine = _affine((2, 0, 1), (-1, 1, -1), spacing=(0.75, 1.25, 4.0))
+    array = (np.arange(6 * 7 * 5).reshape(6, 7, 5) % 19).astype(np.int64)
+    first = write_volume(tmp_path / "a.nii.gz", array, affine)
+    second = write_volume(tmp_path / "b.nii.gz", array, affine)
+    assert first.read_bytes() == second.read_bytes()
+    volume = read_volume(first, kind="label")
+    np.testing.assert_array_equal(volume.array, array)
+    assert volume.array.dtype == np.uint8
+    np.testing.assert_array_equal(volume.affine, affine)
+    assert volume.spacing == pytest.approx((0.75, 1.25, 4.0))
+    assert volume.orientation == ("I", "R", "P")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "sub" / "config.json"
+    with atomic_write(target) as tmp:
+        tmp.write_text(json.dumps({"v": 1}))
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_nifti_stem():
+    assert nifti_stem("/x/mask_case3.nii.gz") == "mask_case3"
+    assert nifti_stem("img.NII") == "img"
+
+
+def test_four_d_with_trailing_singleton_is_squeezed(tmp_path):
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 3, 1), np.float32), np.eye(4)), path)
+    assert read_volume(path).shape == (4, 5, 3)
+
+
+def _one_line(error: pytest.ExceptionInfo, path) -> str:
+    text = str(error.value)
+    assert "\n" not in text
+    assert str(path) in text
+    return text
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.nii.gz"
+    with pytest.raises(CPS4Error, match="not found") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+def test_non_nifti_extension(tmp_path):
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(CPS4Error, match="not a NIfTI") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+def test_garbage_with_nifti_name(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    with pytest.raises(CPS4Error, match="not a readable NIfTI") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+def test_truncated_gzip(tmp_path):
+    whole = tmp_path / "whole.nii.gz"
+    write_volume(whole, np.random.default_rng(0).random((20, 20, 10)).astype(np.float32), np.eye(4))
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    with pytest.raises(CPS4Error, match="truncated|not a readable") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+@pytest.mark.parametrize("shape", [(8, 9), (4, 5, 3, 2)])
+def test_wrong_dimensions(tmp_path, shape):
+    path = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
+    with pytest.raises(CPS4Error, match="expected a 3D volume") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_intensities(tmp_path, bad):
+    array = np.ones((4, 4, 3), np.float32)
+    array[1, 2, 0] = bad
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.raises(CPS4Error, match="1 voxels are NaN or infinite") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+def test_non_integer_labels(tmp_path):
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), 1.5, np.float32), np.eye(4)), path)
+    with pytest.raises(CPS4Error, match="non-integer") as error:
+        read_volume(path, kind="label")
+    _one_line(error, path)
+    float_ids = tmp_path / "ids.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), 3.0, np.float32), np.eye(4)), float_ids)
+    labels = read_volume(float_ids, kind="label").array
+    assert labels.dtype == np.uint8 and int(labels.max()) == 3
+
+
+def test_singular_affine():
+    affine = np.eye(4)
+    affine[2, 2] = 0
+    with pytest.raises(CPS4Error, match="singular"):
+        Volume(np.zeros((3, 3, 3)), affine, path="flat.nii").sagittal_axis
+
+
+def test_write_rejects_bad_name_and_shape(tmp_path):
+    with pytest.raises(CPS4Error, match=r"\.nii"):
+        write_volume(tmp_path / "out.png", np.zeros((2, 2, 2)), np.eye(4))
+    with pytest.raises(CPS4Error, match="3D"):
+        write_volume(tmp_path / "out.nii", np.zeros((2, 2)), np.eye(4))
+
+
+def test_every_real_case_round_trips(realdata, tmp_path):
+    index = json.loads((realdata / "index.json").read_text())
+    count = 0
+    for subset in index.values():
+        for case in subset["cases"]:
+            for kind in ("image", "label"):
+                source = read_volume(realdata / case[kind], kind=kind)
+                assert list(source.shape) == case["shape"]
+                assert source.orientation == ("I", "P", "L")
+                assert source.sagittal_axis == 2
+                copy = write_volume(tmp_path / "copy.nii", source.array, source.affine)
+                back = read_volume(copy, kind=kind)
+                assert back.array.dtype == source.array.dtype
+                np.testing.assert_array_equal(back.array, source.array)
+                np.testing.assert_array_equal(back.affine, source.affine)
+                if kind == "label":
+                    assert set(np.unique(source.array)) - {0} == set(case["labels"])
+            count += 1
+    assert count == sum(len(subset["cases"]) for subset in index.values())
