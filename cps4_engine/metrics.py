@@ -125,7 +125,7 @@ def _as_numpy_labels(array: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         if not np.array_equal(rounded, array):
             raise ValueError(f"{name} must hold integer class ids")
         array = rounded
-    return array.astype(np.int64, copy=False)
+    return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -143,6 +143,7 @@ def case_metrics(
     class_ids: Iterable[int] | None = None,
     painted: Iterable[int] | None = None,
     case_id: str = "",
+    device: torch.device | str = "cpu",
 ) -> CaseMetrics:
     """Per-class Dice and HD95 of one predicted label volume against its ground truth.
 
@@ -154,6 +155,8 @@ def case_metrics(
         painted: for a partial ground truth, the classes the annotator painted; only they
             are scored.
         case_id: a name carried into the result.
+        device: where the one-hot masks and Dice are computed (HD95's distance
+            transforms run where MONAI runs them).
 
     Returns:
         :class:`CaseMetrics`; see the module doc for missed and unknown classes.
@@ -182,9 +185,9 @@ def case_metrics(
     if not classes:
         return CaseMetrics(case_id, (), {}, {}, math.nan, math.nan, (), extra)
 
-    class_index = torch.as_tensor(classes).view(1, -1, *([1] * gt_array.ndim))
-    pred_onehot = torch.from_numpy(pred_array).unsqueeze(0).unsqueeze(0) == class_index
-    gt_onehot = torch.from_numpy(gt_array).unsqueeze(0).unsqueeze(0) == class_index
+    class_index = torch.as_tensor(classes, device=device).view(1, -1, *([1] * gt_array.ndim))
+    pred_onehot = torch.from_numpy(pred_array).to(device)[None, None] == class_index
+    gt_onehot = torch.from_numpy(gt_array).to(device)[None, None] == class_index
     dice = compute_dice(pred_onehot, gt_onehot, include_background=True)[0]
     with warnings.catch_warnings():
         # MONAI warns about empty predictions and a deprecated argument it passes itself;
@@ -196,6 +199,7 @@ def case_metrics(
         )[0]
     diagonal_mm = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(gt_array.shape, spacing_mm))))
     missed = tuple(c for c in classes if c not in pred_present)
+    dice, hd95 = dice.cpu(), hd95.cpu()
     dice_by_class = {c: float(dice[i]) for i, c in enumerate(classes)}
     hd95_by_class = {
         c: diagonal_mm if c in missed else float(hd95[i]) for i, c in enumerate(classes)

@@ -1,0 +1,106 @@
+"""Evaluation of label files and folders against a hand-checked case, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cps4_engine.errors import CPS4Error
+from cps4_engine.evaluate import case_key, evaluate, format_table, match_cases
+from cps4_engine.io import write_volume
+
+AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])
+
+
+def _hand_checked(tmp_path):
+    """Two cases on an (8, 8, 3) grid, 2 × 1 × 1 mm voxels.
+
+    case1: class 2 GT 4×4×1 = 16 voxels, prediction the left half of it (8 voxels):
+    Dice 2·8 / (8 + 16) = 2/3. class 11 GT 2×2×1 predicted exactly: Dice 1.
+    Mean 5/6.
+    case2: class 2 predicted exactly (Dice 1), class 3 missed (Dice 0): mean 1/2.
+    """
+    gt1 = np.zeros((8, 8, 3), np.uint8)
+    gt1[0:4, 0:4, 1] = 2
+    gt1[5:7, 5:7, 1] = 11
+    pred1 = np.zeros_like(gt1)
+    pred1[0:4, 0:2, 1] = 2
+    pred1[5:7, 5:7, 1] = 11
+    gt2 = np.zeros_like(gt1)
+    gt2[1:3, 1:3, 0] = 2
+    gt2[5:7, 1:3, 2] = 3
+    pred2 = np.where(gt2 == 2, 2, 0).astype(np.uint8)
+    for folder, first, second in (("Mask", gt1, gt2), ("pred", pred1, pred2)):
+        (tmp_path / folder).mkdir()
+    write_volume(tmp_path / "Mask" / "mask_case1.nii.gz", gt1, AFFINE)
+    write_volume(tmp_path / "Mask" / "mask_case2.nii.gz", gt2, AFFINE)
+    write_volume(tmp_path / "Mask" / "mask_case3.nii.gz", gt2, AFFINE)
+    write_volume(tmp_path / "pred" / "Case1_labels.nii.gz", pred1, AFFINE)
+    write_volume(tmp_path / "pred" / "Case2_labels.nii.gz", pred2, AFFINE)
+    return tmp_path / "pred", tmp_path / "Mask"
+
+
+def test_case_keys_match_predict_output_to_dataset_masks() -> None:
+    assert case_key("Case3_labels.nii.gz") == case_key("mask_case3.nii.gz") == "case3"
+    assert case_key("spine_001_0000_labels.nii.gz") == case_key("spine_001.nii") == "spine_001"
+    assert case_key("sub-01_seg.nii.gz") == "sub-01"
+
+
+def test_folders_are_scored_against_hand_computed_dice(tmp_path) -> None:
+    pred, gt = _hand_checked(tmp_path)
+    result = evaluate(pred, tmp_path)
+    assert [case.case_id for case in result.cases] == ["mask_case1", "mask_case2"]
+    assert result.unmatched_gt == ["mask_case3"]
+    first, second = result.cases
+    assert first.dice == pytest.approx({2: 2 / 3, 11: 1.0})
+    assert second.dice == pytest.approx({2: 1.0, 3: 0.0})
+    assert second.missed == (3,)
+    assert result.summary.mean_dice == pytest.approx((5 / 6 + 1 / 2) / 2)
+    assert result.summary.per_class[2].mean_dice == pytest.approx((2 / 3 + 1) / 2)
+    # the diagonal fallback uses the spacing: (16 mm, 8 mm, 3 mm)
+    assert second.hd95[3] == pytest.approx(np.sqrt(16**2 + 8**2 + 3**2))
+    table = format_table(result, {2: "L5", 3: "L4", 11: "L5/S"})
+    assert "L5/S" in table
+    assert table.splitlines()[-1].split()[2] == f"{100 * (5 / 6 + 1 / 2) / 2:.1f}"
+    json.dumps(result.to_dict())
+
+
+def test_single_files_and_partial_masks(tmp_path) -> None:
+    pred, gt = _hand_checked(tmp_path)
+    (gt / "mask_case2.cps4.json").write_text(json.dumps({"painted": [2], "complete": False}))
+    result = evaluate(pred / "Case2_labels.nii.gz", gt / "mask_case2.nii.gz")
+    assert result.cases[0].classes == (2,)
+    assert result.summary.mean_dice == pytest.approx(1.0)
+
+
+def test_class_restriction(tmp_path) -> None:
+    pred, gt = _hand_checked(tmp_path)
+    result = evaluate(pred, gt, class_ids=[11])
+    assert [case.classes for case in result.cases] == [(11,), ()]
+    assert result.summary.n_cases == 1
+
+
+def test_errors_name_the_file(tmp_path) -> None:
+    pred, gt = _hand_checked(tmp_path)
+    with pytest.raises(CPS4Error, match="not found"):
+        match_cases(tmp_path / "nothing", gt)
+    with pytest.raises(CPS4Error, match="not a file and a folder"):
+        match_cases(pred / "Case1_labels.nii.gz", gt)
+    write_volume(pred / "Case9_labels.nii.gz", np.zeros((8, 8, 3), np.uint8), AFFINE)
+    with pytest.raises(CPS4Error, match="Case9_labels.nii.gz"):
+        match_cases(pred, gt)
+    (pred / "Case9_labels.nii.gz").unlink()
+    write_volume(pred / "Case1_labels.nii.gz", np.zeros((8, 8, 4), np.uint8), AFFINE)
+    with pytest.raises(CPS4Error, match="shape"):
+        evaluate(pred, gt)
+    write_volume(pred / "Case1_labels.nii.gz", np.zeros((8, 8, 3), np.uint8), np.eye(4))
+    with pytest.raises(CPS4Error, match="spacing"):
+        evaluate(pred, gt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CPS4Error, match="no predicted"):
+        match_cases(empty, gt)
+    with pytest.raises(CPS4Error, match="no ground-truth"):
+        match_cases(pred, empty)
