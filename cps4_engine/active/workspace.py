@@ -1,0 +1,663 @@
+"""The refinement workspace: cases, label versions and per-class provenance on disk.
+
+A workspace is a folder the user picks::
+
+    workspace.json            the manifest (schema below)
+    workspace.json.prev       the manifest as it was before the last save
+    labels/<case>/v0001.nii.gz, v0002.nii.gz, ...   every label version, never rewritten
+    rounds/round_0001/ ...    stage-2 runs of the refinement rounds (see ``rounds``)
+
+Manifest (schema version 2)::
+
+    {"format": "cps4-workspace", "schema_version": 2, "created": ISO, "modified": ISO,
+     "source": "<dataset the cases came from>", "scheme": {...LabelScheme.to_dict()...},
+     "rounds": [{"round": 1, "run": "rounds/round_0001", "created": ISO,
+                 "trained_on": [case ids], "metrics": {...}}],
+     "cases": {"<case id>": {
+         "image": "<absolute path>", "role": "train" | "heldout", "complete": bool,
+         "versions": [{"version": 1, "file": "labels/<case>/v0001.nii.gz",
+                       "author": "import" | "human" | "machine", "round": int | null,
+                       "created": ISO}],
+         "classes": {"<class id>": {"status": "machine" | "accepted" | "corrected" |
+                                    "rejected", "round": int | null, "changed": ISO}},
+         "uncertainty": {...CaseUncertainty.to_dict()...} | null}}}
+
+Rules:
+
+- **Human labels win.** Classes whose status is ``accepted`` or ``corrected`` are human
+  labels: when a new round's pseudo-label is merged (:meth:`Workspace.add_prediction`),
+  their voxels are kept exactly and the machine may not paint those classes elsewhere.
+  A case whose mask is ``complete`` (every voxel's class is known) is never changed by
+  the machine.
+- **Nothing is lost.** Every label change writes a new version file; old versions stay.
+- **Crash-safe saves.** Label files and the manifest are written to a temporary file and
+  renamed (:func:`cps4_engine.io.atomic_write`); the label file is written before the
+  manifest that points to it, and the previous manifest is kept as
+  ``workspace.json.prev``. A writer killed at any moment leaves a manifest that loads
+  and points to complete label files; :meth:`Workspace.open` falls back to
+  ``workspace.json.prev`` if ``workspace.json`` is missing or unreadable.
+- **Versioned schema.** A manifest from a newer version of the program is refused with a
+  one-line error; an older one is migrated on open (schema 1: cases as a list with plain
+  status strings and a list of label files).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from cps4_engine.active.queue import CaseUncertainty
+from cps4_engine.errors import CPS4Error
+from cps4_engine.io import atomic_write, read_volume, write_text_atomic, write_volume
+from cps4_engine.labels import LabelScheme
+
+SCHEMA_VERSION = 2
+FORMAT = "cps4-workspace"
+MANIFEST = "workspace.json"
+PREVIOUS_MANIFEST = "workspace.json.prev"
+CLASS_STATUSES = ("machine", "accepted", "corrected", "rejected")
+HUMAN_STATUSES = ("accepted", "corrected")
+CASE_ROLES = ("train", "heldout")
+
+ClassStatusName = Literal["machine", "accepted", "corrected", "rejected"]
+CaseState = Literal["unlabeled", "pseudo-labeled", "in review", "reviewed", "held out"]
+
+
+def now() -> str:
+    """The current UTC time as an ISO 8601 string (seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ClassStatus:
+    """Provenance of one class of one case.
+
+    Attributes:
+        status: ``machine`` (a pseudo-label nobody reviewed), ``accepted`` (a human
+            approved the machine's voxels), ``corrected`` (a human changed them) or
+            ``rejected`` (a human said the machine's voxels are wrong; unknown until
+            corrected).
+        round: the model round that produced the voxels, None for human-made labels.
+        changed: ISO 8601 time of the last change.
+    """
+
+    status: ClassStatusName
+    round: int | None
+    changed: str
+
+    @property
+    def is_human(self) -> bool:
+        """True for accepted and corrected classes."""
+        return self.status in HUMAN_STATUSES
+
+
+def _safe_case_dir(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def _migrate_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 → 2: cases keyed by id, statuses and label files with provenance."""
+    stamp = manifest.get("modified") or manifest.get("created") or now()
+    cases = {}
+    for entry in manifest["cases"]:
+        versions = [
+            {"version": i + 1, "file": file, "author": "import", "round": None, "created": stamp}
+            for i, file in enumerate(entry.get("labels", []))
+        ]
+        classes = {
+            str(class_id): {"status": status, "round": None, "changed": stamp}
+            for class_id, status in entry.get("status", {}).items()
+        }
+        cases[entry["id"]] = {
+            "image": entry["image"],
+            "role": entry.get("role", "train"),
+            "complete": bool(entry.get("complete", False)),
+            "versions": versions,
+            "classes": classes,
+            "uncertainty": None,
+        }
+    return {
+        "format": FORMAT,
+        "schema_version": 2,
+        "created": manifest.get("created", stamp),
+        "modified": stamp,
+        "source": manifest.get("source", ""),
+        "scheme": manifest["scheme"],
+        "rounds": manifest.get("rounds", []),
+        "cases": cases,
+    }
+
+
+_MIGRATIONS = {1: _migrate_v1}
+
+
+def _validate(manifest: Any, path: Path) -> None:
+    """Check the structure of a schema-2 manifest; raise a one-line CPS4Error if wrong."""
+
+    def fail(problem: str) -> None:
+        raise CPS4Error(f"invalid workspace manifest: {problem}", path=path)
+
+    if not isinstance(manifest.get("cases"), dict):
+        fail("'cases' must be an object of case id -> case")
+    if not isinstance(manifest.get("rounds"), list):
+        fail("'rounds' must be a list")
+    if not isinstance(manifest.get("scheme"), dict):
+        fail("'scheme' must be a label scheme object")
+    for case_id, case in manifest["cases"].items():
+        if not isinstance(case, dict):
+            fail(f"case {case_id!r} must be an object")
+        for key, kind in (("image", str), ("role", str), ("complete", bool),
+                          ("versions", list), ("classes", dict)):
+            if not isinstance(case.get(key), kind):
+                fail(f"case {case_id!r} lacks {key!r} of type {kind.__name__}")
+        if case["role"] not in CASE_ROLES:
+            fail(f"case {case_id!r} has role {case['role']!r}; use one of {CASE_ROLES}")
+        for class_id, entry in case["classes"].items():
+            if not str(class_id).isdigit() or not isinstance(entry, dict):
+                fail(f"case {case_id!r} class {class_id!r} is malformed")
+            if entry.get("status") not in CLASS_STATUSES:
+                fail(f"case {case_id!r} class {class_id} has status {entry.get('status')!r}")
+        for version in case["versions"]:
+            if not isinstance(version, dict) or not isinstance(version.get("file"), str):
+                fail(f"case {case_id!r} has a label version without a file")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CPS4Error(f"unreadable workspace manifest ({type(error).__name__})", path=path) from None
+    if not isinstance(manifest, dict) or manifest.get("format", FORMAT) != FORMAT:
+        raise CPS4Error("not a cps4 workspace manifest", path=path)
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise CPS4Error(f"workspace manifest has no valid schema_version ({version!r})", path=path)
+    if version > SCHEMA_VERSION:
+        raise CPS4Error(
+            f"workspace schema version {version} is newer than this napari-cps4 reads "
+            f"({SCHEMA_VERSION}); update napari-cps4",
+            path=path,
+        )
+    try:
+        while manifest["schema_version"] < SCHEMA_VERSION:
+            manifest = _MIGRATIONS[manifest["schema_version"]](manifest)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CPS4Error(f"cannot migrate workspace manifest (missing {error})", path=path) from None
+    _validate(manifest, path)
+    return manifest
+
+
+def _image_affine_and_shape(image: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    try:
+        header_image = nib.load(str(image))
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as error:
+        raise CPS4Error(f"cannot read image header ({type(error).__name__})", path=image) from None
+    return np.asarray(header_image.affine, dtype=np.float64), tuple(header_image.shape[:3])
+
+
+class Workspace:
+    """A refinement workspace (see the module doc for the layout and the rules).
+
+    Open one with :meth:`open`, make one with :meth:`create`. Methods that change
+    anything save at once (label file first, then the manifest).
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], recovered: bool = False) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.recovered = recovered
+        self.scheme = LabelScheme.from_dict(manifest["scheme"])
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        cases: Sequence[Any],
+        scheme: LabelScheme,
+        source: str = "",
+        heldout: Iterable[str] = (),
+        import_labels: bool | Iterable[str] = True,
+    ) -> "Workspace":
+        """Make a new workspace from dataset cases.
+
+        Args:
+            root: the workspace folder; created if needed; must not hold a workspace.
+            cases: :class:`cps4_engine.data.Case` objects (``case_id``, ``image_path``,
+                ``label_path``, ``painted``).
+            scheme: the label scheme of the masks.
+            source: where the cases came from (recorded, informative).
+            heldout: case ids kept out of training and used to measure each round.
+            import_labels: True to import every case's mask as an accepted human label,
+                False for none, or the ids of the cases whose masks to import (held-out
+                cases' masks are always imported, they are the reference).
+
+        Returns:
+            The new workspace.
+
+        Raises:
+            CPS4Error: a workspace already exists there, a held-out case has no mask or
+                is not among the cases, or duplicate case ids.
+        """
+        root = Path(root)
+        if (root / MANIFEST).exists():
+            raise CPS4Error("a workspace already exists here", path=root / MANIFEST)
+        heldout = set(heldout)
+        ids = [case.case_id for case in cases]
+        if len(set(ids)) != len(ids):
+            raise CPS4Error("the dataset has duplicate case ids", path=root)
+        unknown = heldout - set(ids)
+        if unknown:
+            raise CPS4Error(f"held-out cases {sorted(unknown)} are not in the dataset", path=root)
+        stamp = now()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": stamp,
+            "modified": stamp,
+            "source": str(source),
+            "scheme": scheme.to_dict(),
+            "rounds": [],
+            "cases": {},
+        }
+        for case in cases:
+            manifest["cases"][case.case_id] = {
+                "image": str(Path(case.image_path).resolve()),
+                "role": "heldout" if case.case_id in heldout else "train",
+                "complete": False,
+                "versions": [],
+                "classes": {},
+                "uncertainty": None,
+            }
+        workspace = cls(root, manifest)
+        wanted = (
+            set(ids) if import_labels is True else set() if import_labels is False else set(import_labels)
+        )
+        for case in cases:
+            if case.case_id not in wanted | heldout:
+                continue
+            if case.label_path is None:
+                if case.case_id in heldout:
+                    raise CPS4Error(f"held-out case {case.case_id!r} has no mask", path=case.image_path)
+                continue
+            workspace._import_mask(case)
+        workspace.save()
+        return workspace
+
+    def _import_mask(self, case: Any) -> None:
+        volume = read_volume(case.label_path, kind="label")
+        self.scheme.check_values(np.unique(volume.array).tolist(), case.label_path)
+        entry = self.manifest["cases"][case.case_id]
+        painted = case.painted
+        present = [int(v) for v in np.unique(volume.array) if v != 0]
+        classes = present if painted is None else [int(c) for c in painted]
+        self._write_version(case.case_id, volume.array, volume.affine, "import", None)
+        entry["complete"] = painted is None
+        stamp = now()
+        entry["classes"] = {
+            str(c): {"status": "accepted", "round": None, "changed": stamp} for c in classes
+        }
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Workspace":
+        """Open an existing workspace, migrating an older manifest.
+
+        If ``workspace.json`` is missing or unreadable but ``workspace.json.prev`` loads,
+        that one is used and :attr:`recovered` is True.
+
+        Raises:
+            CPS4Error: no workspace there, a manifest from a newer program version, or
+                a malformed manifest.
+        """
+        root = Path(root)
+        primary, previous = root / MANIFEST, root / PREVIOUS_MANIFEST
+        if not primary.exists() and not previous.exists():
+            raise CPS4Error("not a cps4 workspace (no workspace.json)", path=root)
+        try:
+            return cls(root, _read_manifest(primary))
+        except CPS4Error as error:
+            if "newer than" in str(error) or not previous.exists():
+                raise
+            return cls(root, _read_manifest(previous), recovered=True)
+
+    def save(self) -> None:
+        """Atomically write the manifest, keeping the previous one as ``.prev``."""
+        self.manifest["modified"] = now()
+        primary = self.root / MANIFEST
+        text = json.dumps(self.manifest, indent=1, sort_keys=False)
+        if primary.exists():
+            with atomic_write(self.root / PREVIOUS_MANIFEST) as tmp:
+                shutil.copyfile(primary, tmp)
+        write_text_atomic(primary, text)
+
+    # ----- cases -----------------------------------------------------------------------
+
+    def _case(self, case_id: str) -> dict[str, Any]:
+        try:
+            return self.manifest["cases"][case_id]
+        except KeyError:
+            raise CPS4Error(f"no case {case_id!r} in this workspace", path=self.root) from None
+
+    def case_ids(self, role: str | None = None) -> list[str]:
+        """Case ids in workspace order, optionally only those of one role."""
+        return [
+            case_id for case_id, case in self.manifest["cases"].items()
+            if role is None or case["role"] == role
+        ]
+
+    def image_path(self, case_id: str) -> Path:
+        """The case's source image."""
+        return Path(self._case(case_id)["image"])
+
+    def role(self, case_id: str) -> str:
+        """``train`` or ``heldout``."""
+        return self._case(case_id)["role"]
+
+    def is_complete(self, case_id: str) -> bool:
+        """True when every voxel's class in the current labels is known to a human."""
+        return bool(self._case(case_id)["complete"])
+
+    def class_statuses(self, case_id: str) -> dict[int, ClassStatus]:
+        """Per-class provenance of a case, by class id."""
+        return {
+            int(class_id): ClassStatus(entry["status"], entry.get("round"), entry["changed"])
+            for class_id, entry in sorted(self._case(case_id)["classes"].items(), key=lambda kv: int(kv[0]))
+        }
+
+    def human_classes(self, case_id: str) -> list[int]:
+        """Class ids a human accepted or corrected."""
+        return [c for c, s in self.class_statuses(case_id).items() if s.is_human]
+
+    def state(self, case_id: str) -> CaseState:
+        """A one-word summary of where a case stands in review."""
+        case = self._case(case_id)
+        if case["role"] == "heldout":
+            return "held out"
+        statuses = self.class_statuses(case_id)
+        if not case["versions"]:
+            return "unlabeled"
+        if case["complete"] or (statuses and all(s.is_human for s in statuses.values())):
+            return "reviewed"
+        if any(s.is_human or s.status == "rejected" for s in statuses.values()):
+            return "in review"
+        return "pseudo-labeled"
+
+    def versions(self, case_id: str) -> list[dict[str, Any]]:
+        """The case's label versions, oldest first (copies of the manifest entries)."""
+        return [dict(v) for v in self._case(case_id)["versions"]]
+
+    def version_path(self, case_id: str, version: int | None = None) -> Path | None:
+        """File of a label version (default the latest), or None if the case has none."""
+        versions = self._case(case_id)["versions"]
+        if not versions:
+            return None
+        entry = versions[-1] if version is None else next(
+            (v for v in versions if v["version"] == version), None
+        )
+        if entry is None:
+            raise CPS4Error(f"case {case_id!r} has no label version {version}", path=self.root)
+        return self.root / entry["file"]
+
+    def current_labels(self, case_id: str) -> np.ndarray | None:
+        """The latest label volume of a case in its image's voxel grid, or None."""
+        path = self.version_path(case_id)
+        return None if path is None else read_volume(path, kind="label").array
+
+    def _write_version(
+        self, case_id: str, labels: np.ndarray, affine: np.ndarray, author: str, round_: int | None
+    ) -> str:
+        """Write the next label version file and record it; returns its relative path."""
+        case = self._case(case_id)
+        folder = self.root / "labels" / _safe_case_dir(case_id)
+        on_disk = [int(m.group(1)) for p in folder.glob("v*.nii.gz") if (m := re.match(r"v(\d+)\.nii\.gz$", p.name))]
+        recorded = [v["version"] for v in case["versions"]]
+        number = max(on_disk + recorded + [0]) + 1
+        relative = f"labels/{_safe_case_dir(case_id)}/v{number:04d}.nii.gz"
+        write_volume(self.root / relative, labels, affine)
+        case["versions"].append(
+            {"version": number, "file": relative, "author": author, "round": round_, "created": now()}
+        )
+        return relative
+
+    def _checked_labels(self, case_id: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        image = self.image_path(case_id)
+        affine, shape = _image_affine_and_shape(image)
+        labels = np.asarray(labels)
+        if labels.shape != shape:
+            raise CPS4Error(
+                f"labels of shape {labels.shape} do not match the image of case "
+                f"{case_id!r} ({shape})",
+                path=image,
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise CPS4Error(f"labels for case {case_id!r} must be integers, got {labels.dtype}")
+        self.scheme.check_values(np.unique(labels).tolist(), image)
+        return labels, affine
+
+    def save_human_labels(
+        self,
+        case_id: str,
+        labels: np.ndarray,
+        statuses: Mapping[int, ClassStatusName] | None = None,
+        complete: bool | None = None,
+    ) -> int:
+        """Store labels a human edited as a new version.
+
+        Classes whose voxels differ from the previous version become ``corrected``
+        (classes painted for the first time too); ``statuses`` then overrides any class.
+        Classes no longer present lose their entry unless ``statuses`` names them.
+
+        Args:
+            case_id: the case.
+            labels: integer label volume in the case image's voxel grid.
+            statuses: explicit class statuses to set (e.g. ``{3: "accepted"}``).
+            complete: whether every voxel's class is now known; None means complete
+                exactly when no class is left ``machine`` or ``rejected``.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            CPS4Error: unknown case, wrong shape, values outside the scheme, bad status.
+        """
+        labels, affine = self._checked_labels(case_id, labels)
+        for class_id, status in (statuses or {}).items():
+            if status not in CLASS_STATUSES:
+                raise CPS4Error(f"unknown class status {status!r}; use one of {CLASS_STATUSES}")
+        previous = self.current_labels(case_id)
+        case = self._case(case_id)
+        stamp = now()
+        present = {int(v) for v in np.unique(labels) if v != 0}
+        classes = {k: v for k, v in case["classes"].items() if int(k) in present}
+        for class_id in sorted(present):
+            changed = previous is None or not np.array_equal(previous == class_id, labels == class_id)
+            if changed or str(class_id) not in classes:
+                classes[str(class_id)] = {"status": "corrected", "round": None, "changed": stamp}
+        for class_id, status in (statuses or {}).items():
+            old = classes.get(str(class_id), {})
+            classes[str(class_id)] = {
+                "status": status,
+                "round": old.get("round") if status in ("accepted", "rejected") else None,
+                "changed": stamp,
+            }
+        self._write_version(case_id, labels, affine, "human", None)
+        case["classes"] = classes
+        if complete is None:
+            complete = bool(classes) and all(
+                entry["status"] in HUMAN_STATUSES for entry in classes.values()
+            )
+        case["complete"] = complete
+        self.save()
+        return case["versions"][-1]["version"]
+
+    def set_class_status(self, case_id: str, class_id: int, status: ClassStatusName) -> None:
+        """Change one class's status without touching voxels (accept or reject).
+
+        Raises:
+            CPS4Error: unknown case, unknown status, or the class is not in the labels.
+        """
+        if status not in CLASS_STATUSES:
+            raise CPS4Error(f"unknown class status {status!r}; use one of {CLASS_STATUSES}")
+        case = self._case(case_id)
+        entry = case["classes"].get(str(class_id))
+        if entry is None:
+            raise CPS4Error(f"case {case_id!r} has no class {class_id} to mark {status}")
+        case["classes"][str(class_id)] = {"status": status, "round": entry.get("round"), "changed": now()}
+        if status in ("machine", "rejected"):
+            case["complete"] = False
+        self.save()
+
+    def add_prediction(
+        self,
+        case_id: str,
+        labels: np.ndarray,
+        round_: int,
+        uncertainty: CaseUncertainty | None = None,
+    ) -> int | None:
+        """Merge a model round's pseudo-label into a case without touching human labels.
+
+        Voxels of accepted/corrected classes stay as they are and the machine cannot add
+        voxels of those classes elsewhere (they become background); other voxels take
+        the machine's label. Machine classes get ``status=machine`` and this round;
+        rejected classes the machine predicts again become ``machine`` (a new proposal).
+        A complete case is left unchanged.
+
+        Args:
+            case_id: the case.
+            labels: the pseudo-label in the case image's voxel grid.
+            round_: the model round that produced it.
+            uncertainty: its uncertainty, stored for the review queue.
+
+        Returns:
+            The new version number, or None if the case is complete (nothing written).
+        """
+        labels, affine = self._checked_labels(case_id, labels)
+        case = self._case(case_id)
+        if uncertainty is not None:
+            case["uncertainty"] = uncertainty.to_dict()
+        if case["complete"]:
+            self.save()
+            return None
+        human = self.human_classes(case_id)
+        merged = labels.copy()
+        if human:
+            previous = self.current_labels(case_id)
+            merged[np.isin(merged, human)] = 0
+            if previous is not None:
+                keep = np.isin(previous, human)
+                merged[keep] = previous[keep]
+        stamp = now()
+        classes = {str(c): case["classes"][str(c)] for c in human}
+        for class_id, entry in case["classes"].items():
+            if entry["status"] == "rejected" and not (merged == int(class_id)).any():
+                classes[class_id] = entry
+        for class_id in (int(v) for v in np.unique(merged) if v != 0):
+            if class_id not in human:
+                classes[str(class_id)] = {"status": "machine", "round": int(round_), "changed": stamp}
+        self._write_version(case_id, merged, affine, "machine", int(round_))
+        case["classes"] = classes
+        self.save()
+        return case["versions"][-1]["version"]
+
+    def uncertainty(self, case_id: str) -> CaseUncertainty | None:
+        """The stored uncertainty of the case's latest pseudo-label, or None."""
+        data = self._case(case_id).get("uncertainty")
+        return None if data is None else CaseUncertainty.from_dict(data)
+
+    # ----- rounds ----------------------------------------------------------------------
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """Records of the refinement rounds, oldest first."""
+        return self.manifest["rounds"]
+
+    @property
+    def current_round(self) -> int:
+        """Number of the last round, 0 before the first."""
+        return max((r["round"] for r in self.rounds), default=0)
+
+    def add_round(self, record: Mapping[str, Any]) -> None:
+        """Record a finished round (``round``, ``run``, ``trained_on``, ``metrics``)."""
+        self.manifest["rounds"].append({"created": now(), **record})
+        self.save()
+
+    def labeled_for_training(self) -> list[tuple[str, tuple[int, ...] | None]]:
+        """Training cases a human labeled: ``(case id, painted classes or None)``.
+
+        ``None`` means the mask is complete; otherwise the accepted/corrected classes are
+        the painted classes of a partial mask (everything else unknown).
+        """
+        result = []
+        for case_id in self.case_ids("train"):
+            human = self.human_classes(case_id)
+            if self.is_complete(case_id):
+                result.append((case_id, None))
+            elif human:
+                result.append((case_id, tuple(sorted(human))))
+        return result
+
+    def unreviewed(self) -> list[str]:
+        """Training cases whose mask is not complete (they get the next pseudo-labels)."""
+        return [c for c in self.case_ids("train") if not self.is_complete(c)]
+
+    # ----- export ----------------------------------------------------------------------
+
+    def export(self, out: str | Path, include_machine: bool = True) -> list[Path]:
+        """Write the final labels in MRSpineSeg layout (``MR/``, ``Mask/``).
+
+        Each labeled case's image is copied to ``MR/Case<N>.nii.gz`` and its latest
+        labels, with rejected classes (and, if ``include_machine`` is False, machine
+        classes) set to background, to ``Mask/mask_case<N>.nii.gz`` in the image's own
+        geometry. ``N`` is the number in the case id when every id is like ``Case12``,
+        otherwise the case's position (1-based). Masks that are not complete get a
+        partial-label sidecar listing their human classes. ``export.json`` maps each
+        exported name to its case id.
+
+        Returns:
+            The mask files written.
+
+        Raises:
+            CPS4Error: ``out`` already holds an export.
+        """
+        from cps4_engine.data import write_label_status
+
+        out = Path(out)
+        if (out / "export.json").exists():
+            raise CPS4Error("already holds an export; choose an empty folder", path=out)
+        ids = [c for c in self.case_ids() if self._case(c)["versions"]]
+        numbers = [re.fullmatch(r"case[_-]?(\d+)", c, flags=re.IGNORECASE) for c in self.case_ids()]
+        by_id = (
+            {c: int(m.group(1)) for c, m in zip(self.case_ids(), numbers)}
+            if all(numbers) else {c: i + 1 for i, c in enumerate(self.case_ids())}
+        )
+        written, mapping = [], {}
+        for case_id in ids:
+            number = by_id[case_id]
+            labels = self.current_labels(case_id)
+            affine, _ = _image_affine_and_shape(self.image_path(case_id))
+            statuses = self.class_statuses(case_id)
+            dropped = [c for c, s in statuses.items() if s.status == "rejected"
+                       or (s.status == "machine" and not include_machine)]
+            labels = np.where(np.isin(labels, dropped), 0, labels).astype(labels.dtype)
+            source_image = self.image_path(case_id)
+            suffix = ".nii.gz" if source_image.name.endswith(".nii.gz") else ".nii"
+            image_out = out / "MR" / f"Case{number}{suffix}"
+            mask_out = out / "Mask" / f"mask_case{number}.nii.gz"
+            image_out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(image_out) as tmp:
+                shutil.copyfile(source_image, tmp)
+            write_volume(mask_out, labels, affine)
+            complete = self.is_complete(case_id) and not dropped
+            if not complete:
+                write_label_status(mask_out, painted=self.human_classes(case_id), complete=False)
+            written.append(mask_out)
+            mapping[f"Case{number}"] = {"case_id": case_id, "complete": complete}
+        write_text_atomic(out / "export.json", json.dumps(mapping, indent=1))
+        return written
