@@ -49,3 +49,33 @@ def test_evaluate_bad_input_exits_2_with_one_line(label_pair, tmp_path, capsys) 
     assert "broken.nii.gz" in capsys.readouterr().err
     assert main(["evaluate", str(pred), str(pred), "--classes", "x"]) == 2
     assert "--classes" in capsys.readouterr().err
+
+
+def test_predict_writes_labels_in_each_images_geometry(tmp_path, capsys) -> None:
+    import torch
+
+    from cps4_engine.checkpoint import save_weights, write_run_config
+    from cps4_engine.io import read_volume
+    from cps4_engine.models.segmenter import build_segmenter, segmenter_config
+    from cps4_engine.presets import get_preset
+
+    preset = get_preset("tiny")
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_weights(run / "model.safetensors", build_segmenter(preset).state_dict())
+    write_run_config(run, {"stage": 2, "segmenter": segmenter_config(preset)})
+    image = tmp_path / "Case1.nii.gz"
+    affine = np.array([[0, 0, -2.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    write_volume(image, np.random.default_rng(0).random((20, 12, 7)).astype(np.float32), affine)
+    out = tmp_path / "pred"
+    args = ["predict", str(run), str(image), "--out", str(out), "--device", "cpu", "--batch-size", "2"]
+    assert main(args) == 0
+    assert "Case1_labels.nii.gz" in capsys.readouterr().out
+    labels = read_volume(out / "Case1_labels.nii.gz", kind="label")
+    assert labels.shape == (20, 12, 7) and np.allclose(labels.affine, affine)
+    assert (out / "Case1_confidence.nii.gz").is_file() and not (out / "Case1_probs.nii.gz").exists()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(image), "--out", str(out)]) == 2
+    assert "not a stage-2 run" in capsys.readouterr().err
+    assert main(args[:-2] + ["--batch-size", "0"]) == 2

@@ -1,0 +1,290 @@
+"""Predicting label volumes with a trained stage-2 segmenter (``cps4 predict``).
+
+A volume of any size and orientation is cut into sagittal slices in display orientation
+and resized to the network's slice size (:func:`cps4_engine.preprocess.prepare_volume`),
+segmented in batches without gradients (mixed precision on CUDA), and put back into the
+volume's own voxel grid: labels by nearest neighbour from the per-slice argmax,
+probabilities and confidence bilinearly (:mod:`cps4_engine.preprocess`). So every output
+has the input's shape and is written with the input's affine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cps4_engine.checkpoint import load_weights, read_run_config
+from cps4_engine.device import resolve_device
+from cps4_engine.errors import CPS4Error
+from cps4_engine.io import (
+    Volume,
+    is_nifti_path,
+    nifti_bytes,
+    nifti_stem,
+    read_volume,
+    write_bytes_atomic,
+    write_volume,
+)
+from cps4_engine.models.segmenter import build_segmenter
+from cps4_engine.preprocess import prepare_volume, restore_labels, restore_probabilities
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LoadedSegmenter:
+    """A stage-2 network ready for inference.
+
+    Attributes:
+        network: the segmenter in eval mode on ``device``; ``(B, 1, H, W)`` -> logits
+            ``(B, 20, H, W)``.
+        slice_size: ``(H, W)`` in pixels the network was trained on.
+        device: where it runs.
+        run_dir: the run folder it came from (None for a network given in memory).
+        config: the run's ``config.json`` (empty for a network given in memory).
+    """
+
+    network: nn.Module
+    slice_size: tuple[int, int]
+    device: torch.device
+    run_dir: Path | None = None
+    config: dict | None = None
+
+
+@dataclass
+class Prediction:
+    """A volume's segmentation in its own voxel grid.
+
+    Attributes:
+        labels: uint8 ``(X, Y, Z)`` class ids 0..19.
+        probabilities: float32 ``(20, X, Y, Z)`` softmax per class (background at 0), or
+            None when not asked for (it takes ``80 * X * Y * Z`` bytes).
+        confidence: float32 ``(X, Y, Z)`` in [0, 1]: the winning class's probability.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    confidence: np.ndarray
+
+
+def load_segmenter(run_dir: str | Path, device: str | torch.device = "auto") -> LoadedSegmenter:
+    """Rebuild a stage-2 run's network from its ``config.json`` and load its best weights.
+
+    Args:
+        run_dir: a stage-2 run folder (``config.json`` with ``"stage": 2`` and a
+            ``"segmenter"`` entry, ``model.safetensors``).
+        device: ``auto``, ``cpu``, ``cuda``, ``mps`` or a ``torch.device``.
+
+    Returns:
+        :class:`LoadedSegmenter` in eval mode.
+
+    Raises:
+        CPS4Error: not a stage-2 run, no segmenter description, missing or unreadable
+            weights, or weights that do not fit the described network.
+    """
+    run_dir = Path(run_dir)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    config = read_run_config(run_dir, stage=2)
+    segmenter_config = config.get("segmenter")
+    if not isinstance(segmenter_config, dict) or "slice_size" not in segmenter_config:
+        raise CPS4Error("config.json has no 'segmenter' description with a slice_size", path=run_dir)
+    network = build_segmenter(segmenter_config)
+    state = load_weights(run_dir / WEIGHTS_NAME)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CPS4Error(
+            f"weights do not fit the network in config.json ({first_line})", path=run_dir / WEIGHTS_NAME
+        ) from None
+    network.to(device).eval()
+    height, width = (int(n) for n in segmenter_config["slice_size"])
+    return LoadedSegmenter(network, (height, width), device, run_dir, config)
+
+
+def _as_loaded(model: LoadedSegmenter | nn.Module, slice_size: tuple[int, int] | None) -> LoadedSegmenter:
+    if isinstance(model, LoadedSegmenter):
+        return model
+    if slice_size is None:
+        raise ValueError("a bare network needs slice_size=(H, W)")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    return LoadedSegmenter(model, (int(slice_size[0]), int(slice_size[1])), device)
+
+
+@torch.no_grad()
+def predict_slices(model: LoadedSegmenter | nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Softmax probabilities of preprocessed slices, in batches.
+
+    Args:
+        model: a :class:`LoadedSegmenter` or a network mapping ``(B, 1, H, W)`` to
+            ``(B, 20, H, W)`` logits.
+        images: float ``(S, 1, H, W)`` in [0, 1] at the network's slice size.
+        batch_size: slices per forward pass.
+
+    Returns:
+        float32 ``(S, 20, H, W)`` on the CPU.
+    """
+    if batch_size < 1:
+        raise CPS4Error(f"--batch-size must be at least 1, got {batch_size}")
+    loaded = _as_loaded(model, tuple(images.shape[-2:]))
+    was_training = loaded.network.training
+    loaded.network.eval()
+    use_amp = loaded.device.type == "cuda"
+    outputs = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(loaded.device, non_blocking=True)
+            with torch.autocast(device_type=loaded.device.type, dtype=torch.float16, enabled=use_amp):
+                logits = loaded.network(batch)
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+    finally:
+        loaded.network.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 20, *images.shape[-2:])
+
+
+def predict_volume(
+    model: LoadedSegmenter | nn.Module,
+    volume: Volume,
+    batch_size: int = 8,
+    slice_size: tuple[int, int] | None = None,
+    keep_probabilities: bool = True,
+) -> Prediction:
+    """Segment one volume and return the result in its own voxel grid.
+
+    Args:
+        model: from :func:`load_segmenter`, or a bare network (then give ``slice_size``).
+        volume: any size and orientation; the sagittal axis comes from its affine.
+        batch_size: slices per forward pass.
+        slice_size: ``(H, W)`` for a bare network.
+        keep_probabilities: also restore the 20 class probabilities to the voxel grid.
+
+    Returns:
+        :class:`Prediction` with arrays of ``volume.shape``.
+    """
+    loaded = _as_loaded(model, slice_size)
+    stack = prepare_volume(volume, loaded.slice_size)
+    probabilities = predict_slices(loaded, torch.from_numpy(stack.images), batch_size)
+    confidence_slices, label_slices = probabilities.max(dim=1)
+    labels = restore_labels(stack, label_slices)
+    confidence = restore_probabilities(stack, confidence_slices[:, None])[0]
+    restored = restore_probabilities(stack, probabilities) if keep_probabilities else None
+    return Prediction(labels=labels, probabilities=restored, confidence=confidence)
+
+
+@dataclass
+class PredictedFiles:
+    """What :func:`predict_files` wrote for one image (paths; ``probabilities`` may be None)."""
+
+    image: Path
+    labels: Path
+    confidence: Path
+    probabilities: Path | None
+    seconds: float
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """NIfTI images named directly or found (non-recursively) in named folders.
+
+    Raises:
+        CPS4Error: a path is missing, a folder holds no NIfTI file, or a file is not NIfTI.
+    """
+    images: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+            if not found:
+                raise CPS4Error("no NIfTI images (.nii, .nii.gz) in this folder", path=path)
+            images.extend(found)
+        elif not path.exists():
+            raise CPS4Error("image not found", path=path)
+        elif not is_nifti_path(path):
+            raise CPS4Error("not a NIfTI file (expected .nii or .nii.gz)", path=path)
+        else:
+            images.append(path)
+    if not images:
+        raise CPS4Error("no images given")
+    return images
+
+
+def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path, Path]:
+    """``<name>_labels.nii.gz``, ``<name>_confidence.nii.gz``, ``<name>_probs.nii.gz``."""
+    name = nifti_stem(image)
+    return (
+        out_dir / f"{name}_labels.nii.gz",
+        out_dir / f"{name}_confidence.nii.gz",
+        out_dir / f"{name}_probs.nii.gz",
+    )
+
+
+def predict_files(
+    model: LoadedSegmenter,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    batch_size: int = 8,
+    probabilities: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[PredictedFiles], None] | None = None,
+) -> list[PredictedFiles]:
+    """Predict each image and write its results next to each other in ``out_dir``.
+
+    For every image ``<name>.nii[.gz]``: ``<name>_labels.nii.gz`` (uint8 class ids),
+    ``<name>_confidence.nii.gz`` (float32 winning-class probability) and, with
+    ``probabilities``, ``<name>_probs.nii.gz`` (float32 ``(X, Y, Z, 20)``, class on the
+    4th axis). All carry the image's affine. Writes are atomic.
+
+    Args:
+        model: from :func:`load_segmenter`.
+        images: image files or folders of them (see :func:`collect_images`).
+        out_dir: output folder (created).
+        batch_size: slices per forward pass.
+        probabilities: also write the 4D probability volume.
+        overwrite: replace existing outputs instead of refusing.
+        progress: called after each image.
+
+    Returns:
+        One :class:`PredictedFiles` per image, in order.
+
+    Raises:
+        CPS4Error: bad or unreadable images, two images with the same name, or outputs
+            that exist already (without ``overwrite``); checked before any prediction.
+    """
+    files = collect_images(images)
+    out_dir = Path(out_dir)
+    names: dict[str, Path] = {}
+    for image in files:
+        name = nifti_stem(image)
+        if name in names:
+            raise CPS4Error(f"two images are both called {name!r} ({names[name]} and {image}); outputs would collide", path=image)
+        names[name] = image
+        if not overwrite:
+            for target in output_paths(image, out_dir)[: 3 if probabilities else 2]:
+                if target.exists():
+                    raise CPS4Error("output exists already; pass --overwrite to replace it", path=target)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CPS4Error("output path is a file, expected a folder", path=out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image in files:
+        start = time.perf_counter()
+        volume = read_volume(image, kind="image")
+        prediction = predict_volume(model, volume, batch_size, keep_probabilities=probabilities)
+        labels_path, confidence_path, probs_path = output_paths(image, out_dir)
+        write_volume(labels_path, prediction.labels, volume.affine)
+        write_volume(confidence_path, prediction.confidence, volume.affine)
+        if prediction.probabilities is not None:
+            class_last = np.moveaxis(prediction.probabilities, 0, -1)
+            write_bytes_atomic(probs_path, nifti_bytes(class_last, volume.affine, compress=True))
+        result = PredictedFiles(
+            image, labels_path, confidence_path, probs_path if probabilities else None, time.perf_counter() - start
+        )
+        if progress is not None:
+            progress(result)
+        written.append(result)
+    return written
