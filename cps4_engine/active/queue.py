@@ -24,11 +24,14 @@ and classes are ranked by it, ties broken by case id / class id.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from cps4_engine.errors import CPS4Error
+
+if TYPE_CHECKING:
+    from cps4_engine.active.workspace import Workspace
 
 NUM_CLASSES = 20
 
@@ -222,3 +225,45 @@ def rank_cases(uncertainties: Mapping[str, CaseUncertainty]) -> list[tuple[str, 
 def rank_classes(uncertainty: CaseUncertainty) -> list[ClassUncertainty]:
     """The classes of one case from the most to the least uncertain (score, then id)."""
     return sorted(uncertainty.classes.values(), key=lambda c: (-c.score, c.class_id))
+
+
+@dataclass
+class QueueEntry:
+    """One case of the review queue.
+
+    Attributes:
+        case_id: the case.
+        state: its review state (``Workspace.state``).
+        uncertainty: the stored uncertainty of its latest pseudo-label.
+        classes: its classes still to review (status ``machine`` or ``rejected``), most
+            uncertain first, each with its status.
+    """
+
+    case_id: str
+    state: str
+    uncertainty: CaseUncertainty
+    classes: list[tuple[ClassUncertainty, str]]
+
+
+def review_queue(workspace: "Workspace") -> list[QueueEntry]:
+    """The workspace's cases still to review, most uncertain first.
+
+    A case enters the queue when it is a training case, its mask is not complete and a
+    round stored the uncertainty of its pseudo-label (:meth:`Workspace.add_prediction`).
+    Within a case only classes nobody accepted or corrected are listed.
+    """
+    entries = {}
+    for case_id in workspace.unreviewed():
+        uncertainty = workspace.uncertainty(case_id)
+        if uncertainty is not None:
+            entries[case_id] = uncertainty
+    queue = []
+    for case_id, uncertainty in rank_cases(entries):
+        statuses = workspace.class_statuses(case_id)
+        pending = [
+            (figures, statuses[figures.class_id].status if figures.class_id in statuses else "machine")
+            for figures in rank_classes(uncertainty)
+            if figures.class_id not in statuses or not statuses[figures.class_id].is_human
+        ]
+        queue.append(QueueEntry(case_id, workspace.state(case_id), uncertainty, pending))
+    return queue
