@@ -1,0 +1,70 @@
+"""The stage-1 model: shapes, attention normalisation, head bounds, gradients to both encoders."""
+
+from __future__ import annotations
+
+import torch
+
+from cps4_engine.losses import Stage1Loss, Stage1LossWeights, one_hot_targets
+from cps4_engine.models.image_encoder import build_image_encoder
+from cps4_engine.models.text import load_text_encoder
+from cps4_engine.models.vlm import VLM
+from cps4_engine.presets import get_preset
+
+PROMPTS = ["background"] + [f"l{i} vertebra" for i in range(1, 20)]
+
+
+def _tiny_vlm() -> VLM:
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    return VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset)
+
+
+def test_output_shapes_and_attention_normalisation() -> None:
+    vlm = _tiny_vlm().eval()
+    prompts = vlm.encode_prompts(PROMPTS[:-1] + ["a much longer prompt about a herniated t12/l1 intervertebral disc"])
+    output = vlm(torch.rand(2, 1, 64, 32), prompts)
+    length = prompts.tokens.shape[1]
+    assert output.logits.shape == (2, 20, 64, 32) and output.attention.shape == (2, 20, length, 64, 32)
+    assert torch.allclose(output.attention.sum(dim=(1, 2)), torch.ones(2, 64, 32), atol=1e-5)
+    assert float(output.attention[:, 0, int(prompts.mask[0].sum()) :].abs().max()) == 0.0
+    scale, bias = float(vlm.head.log_scale.exp()), float(vlm.head.bias)
+    assert float((output.logits - bias).abs().max()) <= scale + 1e-4
+
+
+def test_strided_attention_is_pooled() -> None:
+    preset = get_preset("cpu")
+    vlm = VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset)
+    output = vlm(torch.rand(1, 1, 128, 64))
+    assert output.attention.shape[-2:] == (64, 32) and output.logits.shape[-2:] == (128, 64)
+
+
+def test_gradients_reach_both_encoders() -> None:
+    vlm = _tiny_vlm()
+    labels = torch.zeros(2, 64, 32, dtype=torch.long)
+    labels[:, 20:30, 8:20] = 4
+    targets = one_hot_targets(labels, 20)
+    losses = Stage1Loss(Stage1LossWeights(alignment=0.0, contrastive=0.0))(vlm(torch.rand(2, 1, 64, 32)), targets, torch.ones_like(targets, dtype=torch.bool))
+    assert set(losses) == {"token", "pixel", "total"}
+    losses["total"].backward()
+    image_grad = sum(float(p.grad.abs().sum()) for p in vlm.image_encoder.parameters() if p.grad is not None)
+    text_grad = sum(float(p.grad.abs().sum()) for p in vlm.text_encoder.backbone.parameters() if p.grad is not None)
+    assert image_grad > 0 and text_grad > 0
+
+
+def test_class_probabilities_are_batched_foreground_sigmoids() -> None:
+    vlm = _tiny_vlm().eval()
+    images = torch.rand(5, 1, 64, 32)
+    probabilities = vlm.class_probabilities(images, batch_size=2)
+    with torch.no_grad():
+        expected = vlm(images).logits[:, 1:].sigmoid()
+    assert probabilities.shape == (5, 19, 64, 32) and torch.allclose(probabilities, expected, atol=1e-5)
+    heat, shares = vlm.prompt_response(images[:2], "l3 vertebra")
+    assert heat.shape == (2, 64, 32) and shares.shape == (4,) and abs(float(shares.sum()) - 1.0) < 1e-5
+
+
+def test_paper_preset_builds_a_vit_b16_unetr() -> None:
+    preset = get_preset("paper")
+    encoder = build_image_encoder(preset)
+    assert type(encoder).__name__ == "UNETR"
+    assert encoder.vit.patch_embedding.patch_embeddings.weight.shape[-2:] == (16, 16)
+    assert len(encoder.vit.blocks) == 12 and 85e6 < sum(p.numel() for p in encoder.vit.parameters()) < 95e6
