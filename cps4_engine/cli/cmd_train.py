@@ -1,0 +1,114 @@
+"""``cps4 train``: stage 2, semi-supervised segmentation (supervised, mean teacher, CPS4).
+
+Runs under ``torchrun`` unchanged (``torchrun --nproc_per_node N -m cps4_engine train …``);
+only rank 0 prints and writes. Ctrl-C stops at the next step and saves a checkpoint that
+``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+from typing import Any
+
+METHOD_CHOICES = ("supervised", "mean-teacher", "cps4")
+PSEUDO_LABEL_CHOICES = ("teacher", "prompt", "fused")
+
+
+def count_or_fraction(text: str) -> int | float:
+    """Parse ``--labeled``: an integer count (``2``) or a fraction (``0.05``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` command."""
+    parser = subparsers.add_parser(
+        "train",
+        help="stage 2: train the segmenter (supervised, mean-teacher or cps4)",
+        description=(
+            "Stage 2 of CPS4: train a 2D segmentation network on DATA with a few labeled "
+            "volumes, from the unlabeled rest through a mean teacher and, for cps4, the "
+            "class-prompt maps of a stage-1 run (--vlm). Writes RUN/config.json, "
+            "model.safetensors (best on validation), last.safetensors, history.json, split.json."
+        ),
+    )
+    parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder (any supported layout)")
+    parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
+                        help="labeled training volumes: a count (2) or a fraction (0.05)")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default="cps4",
+                        help="supervised only, mean teacher without prompts, or CPS4 (default)")
+    parser.add_argument("--vlm", type=Path, metavar="RUN", help="stage-1 run folder (cps4 pretrain); cps4 needs it")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
+    parser.add_argument("--pseudo-label", choices=PSEUDO_LABEL_CHOICES, default=None,
+                        help="cps4 pseudo-labels from the teacher, the prompt maps, or both (default fused)")
+    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="labeled slices per step (default: the preset's)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0, help="picks labeled volumes, initialises the network")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--confidence-threshold", type=float, default=0.8,
+                        help="ignore pseudo-labeled pixels less confident than this (default 0.8)")
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
+    parser.add_argument("--unsupervised-weight", type=float, default=1.0,
+                        help="weight of the unlabeled loss after ramp-up (default 1)")
+    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
+                        help="validation volumes from the training volumes: count or fraction (default 0.1)")
+    parser.add_argument("--train-cases", type=int,
+                        help="only the first N cases are training volumes; the rest are never seen")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print progress; returns 0 (done), 130 (cancelled)."""
+    from tqdm import tqdm
+
+    from cps4_engine.events import CancelToken
+    from cps4_engine.stage2 import Stage2Config, iter_train
+
+    config = Stage2Config(
+        data=args.data, out=args.out, labeled=args.labeled, method=args.method, vlm=args.vlm,
+        pseudo_label=args.pseudo_label, confidence_threshold=args.confidence_threshold,
+        ema_decay=args.ema_decay, unsupervised_weight=args.unsupervised_weight,
+        preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size,
+        validation=args.validation, train_cases=args.train_cases, device=args.device,
+        seed=args.seed, resume=args.resume, amp=not args.no_amp,
+    )
+    cancel = CancelToken()
+    events = iter_train(config, cancel)
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    bar = None
+    status = 0
+    try:
+        for event in events:
+            if event.kind == "start":
+                print(event.message)
+                bar = tqdm(total=event.max_steps, initial=event.step, desc="stage 2", unit="step")
+            elif event.kind == "step" and bar is not None:
+                bar.update(event.step - bar.n)
+                bar.set_postfix({key: f"{value:.3f}" for key, value in event.losses.items()
+                                 if key in ("total", "dice", "unsupervised")})
+            elif event.kind == "validation" and bar is not None:
+                bar.write(f"step {event.step}: {event.message}")
+            elif event.kind == "cancelled":
+                status = 130
+                if bar is not None:
+                    bar.write(event.message)
+            elif event.kind == "end" and bar is not None:
+                bar.close()
+                bar = None
+                print(event.message)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if bar is not None:
+            bar.close()
+    return status

@@ -1,0 +1,146 @@
+"""Data-parallel training across processes with ``torch.distributed``.
+
+Trainers run unchanged in one process, or in several started by ``torchrun``::
+
+    torchrun --nproc_per_node 4 -m cps4_engine train DATA --labeled 2 --method cps4 \\
+        --vlm RUN1 --out RUN2
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`setup` reads them and joins the process group: NCCL when the
+processes train on CUDA (one GPU each, by ``LOCAL_RANK``), gloo on CPU. The model is
+wrapped in ``DistributedDataParallel`` (:func:`wrap_model`), each rank draws its batches
+from its own rank-strided shard of the slices (:func:`rank_shard`), and only rank 0
+writes checkpoints and logs (:attr:`DistContext.is_main`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cps4_engine.device import resolve_device
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in a (possibly single-process) run.
+
+    Attributes:
+        rank: this process's global rank (0 when not distributed).
+        world_size: number of processes (1 when not distributed).
+        local_rank: rank on this machine; picks the CUDA device.
+        device: the device this process trains on.
+        owns_group: True when :func:`setup` created the process group, so
+            :func:`teardown` should destroy it.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes files and reports progress."""
+        return self.rank == 0
+
+
+def _environment_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device_name: str = "auto") -> DistContext:
+    """Join the process group ``torchrun`` describes, or run as a single process.
+
+    Args:
+        device_name: ``auto|cpu|cuda|mps``; under several processes on CUDA each rank
+            takes ``cuda:LOCAL_RANK``.
+
+    Returns:
+        The context; ``world_size == 1`` when no launcher set ``WORLD_SIZE`` > 1 and no
+        group was initialised beforehand.
+    """
+    device = resolve_device(device_name)
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+        return DistContext(rank, world_size, local_rank, device, owns_group=False)
+    if _environment_world_size() <= 1:
+        return DistContext(0, 1, 0, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=True)
+
+
+def teardown(context: DistContext) -> None:
+    """Leave the process group if :func:`setup` created it."""
+    if context.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, context: DistContext) -> nn.Module:
+    """``DistributedDataParallel(model)`` when distributed, else ``model`` itself.
+
+    The model must already be on ``context.device``. Gradients are averaged across ranks
+    in ``backward``; DDP broadcasts rank 0's parameters and buffers at wrap time, so all
+    replicas start identical.
+    """
+    if not context.distributed:
+        return model
+    if context.device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[context.device.index], output_device=context.device.index
+        )
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def rank_shard(count: int, context: DistContext) -> torch.Tensor:
+    """This rank's items of ``range(count)``: every ``world_size``-th, from ``rank``.
+
+    Ranks never share an item; when ``count < world_size`` a rank with no item of its own
+    gets all of them so it still has data to draw from.
+
+    Returns:
+        int64 ``(n,)`` indices.
+    """
+    indices = torch.arange(context.rank, count, context.world_size, dtype=torch.int64)
+    if indices.numel() == 0:
+        return torch.arange(count, dtype=torch.int64)
+    return indices
+
+
+def any_rank(flag: bool, context: DistContext) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. a cancel request)."""
+    if not context.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier(context: DistContext) -> None:
+    """Wait until every rank reaches this point (no-op in a single process)."""
+    if context.distributed:
+        if context.device.type == "cuda":
+            dist.barrier(device_ids=[context.device.index])
+        else:
+            dist.barrier()

@@ -1,0 +1,769 @@
+"""Stage 2: class-prompt driven semi-supervised segmentation (CPS4), and its ablations.
+
+A MONAI 2D U-Net (the *student*, :mod:`cps4_engine.models.segmenter`) learns from
+
+* **labeled slices**, weakly augmented: Dice (MONAI ``DiceLoss``) + cross-entropy. Partial
+  masks teach only what is known: cross-entropy ignores their unknown pixels
+  (:func:`~cps4_engine.preprocess.labels_for_ce`) and the Dice of each class is computed
+  only where that class's truth is known (:func:`~cps4_engine.preprocess.class_validity`),
+  over the classes present in the batch's known pixels.
+* **unlabeled slices** (methods ``mean-teacher`` and ``cps4``): the *teacher*, an
+  exponential moving average (EMA) of the student, sees the weak view and gives its
+  softmax; ``cps4`` combines it with the frozen stage-1 class-prompt maps
+  (:func:`~cps4_engine.fusion.combine_with_teacher`, mode ``teacher``, ``prompt`` or
+  ``fused``) into pseudo-labels. The student sees a strong (intensity-corrupted) version of
+  the same weak view and learns cross-entropy towards pseudo-labels whose confidence
+  reaches ``confidence_threshold``, weighted by a sigmoid ramp-up
+  ``w(t) = w_max * exp(-5 (1 - t / T)^2)`` over the first ``rampup_fraction`` of training.
+  The stage-1 maps are computed once per unlabeled slice before training and cached
+  (float16); the weak augmentation moves them with their image.
+
+A partially labeled volume is also part of the unlabeled stream: its painted pixels keep
+their given class (confidence 1) in the pseudo-label, and a pixel outside the painting is
+never pseudo-labeled as a painted class (the annotator painted all of that class).
+
+Methods (the ablation switches): ``supervised`` (labeled slices only), ``mean-teacher``
+(teacher pseudo-labels, no prompts), ``cps4`` (prompts + teacher; default fused).
+
+Intensities: every volume is scaled on its own (0.5th-99.5th percentile to [0, 1],
+:func:`~cps4_engine.preprocess.prepare_volume`), so volumes with different intensity
+ranges (e.g. uint16 scanner values beside float images in [0, 1]) train together.
+
+Validation: a split of the *training* volumes (never test volumes) is scored every
+``validation_every`` steps by 3D Dice over the slices (MONAI ``DiceMetric``); the best of
+student and teacher so far is kept as ``model.safetensors``. The run folder holds
+``config.json`` (``"stage": 2``, the segmenter description, preprocessing), ``model.safetensors``,
+``last.safetensors`` (student), ``teacher.safetensors``, ``train_state.safetensors``
+(optimiser, step, generators; for ``resume``), ``history.json`` and ``split.json``.
+
+Multi-process training under ``torchrun`` is handled by :mod:`cps4_engine.distributed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cps4_engine import distributed
+from cps4_engine.augment import SliceAugmenter
+from cps4_engine.checkpoint import (
+    load_training_state,
+    load_weights,
+    read_run_config,
+    save_training_state,
+    save_weights,
+    write_json_atomically,
+    write_run_config,
+)
+from cps4_engine.errors import CPS4Error
+from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
+from cps4_engine.fusion import combine_with_teacher
+from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
+from cps4_engine.preprocess import IGNORE_INDEX, SliceStack, class_validity, labels_for_ce, prepare_volume
+from cps4_engine.presets import Preset, get_preset
+
+METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
+PSEUDO_LABEL_SOURCES: tuple[str, ...] = ("teacher", "prompt", "fused")
+SCHEME_NAME = "mrspineseg"
+
+MODEL_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+TEACHER_FILE = "teacher.safetensors"
+STATE_FILE = "train_state.safetensors"
+HISTORY_FILE = "history.json"
+SPLIT_FILE = "split.json"
+PROMPT_BATCH = 16
+
+
+@dataclass
+class Stage2Config:
+    """Settings of one stage-2 run.
+
+    Attributes:
+        data: a dataset folder (any layout :func:`cps4_engine.data.open_dataset` reads).
+        out: the run folder to write.
+        labeled: labeled training volumes: a count (int >= 1) or a fraction in (0, 1].
+        method: ``supervised``, ``mean-teacher`` or ``cps4``.
+        vlm: the stage-1 run folder (required by ``cps4``).
+        pseudo_label: ``teacher``, ``prompt`` or ``fused``; None picks ``fused`` for
+            ``cps4`` and ``teacher`` for ``mean-teacher``.
+        confidence_threshold: pseudo-labeled pixels below this confidence are ignored.
+        prompt_threshold: a stage-1 class map claims a pixel above this probability.
+        prompt_weight: weight of the prompt maps in the ``fused`` pseudo-label.
+        ema_decay: teacher EMA decay per step.
+        unsupervised_weight: maximum weight of the unlabeled loss.
+        rampup_fraction: share of ``max_steps`` over which that weight ramps up.
+        preset: size preset (``tiny``, ``cpu``, ``paper``).
+        max_steps: optimiser steps; None uses the preset's ``stage2_max_steps``.
+        batch_size: labeled slices per step (as many unlabeled); None uses the preset's.
+        learning_rate: AdamW learning rate; None uses the preset's.
+        validation: validation volumes carved from the training volumes (count or fraction).
+        validation_every: steps between validations; None: about ten per run.
+        train_cases: the first this many cases (file-name order) are training volumes and
+            the rest test volumes, never seen; None: all cases are training volumes.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        seed: picks the labeled volumes and initialises the network and sampling.
+        resume: continue the run in ``out`` from its last checkpoint.
+        amp: mixed precision (bfloat16 autocast) on CUDA.
+    """
+
+    data: str | Path
+    out: str | Path
+    labeled: int | float = 2
+    method: str = "cps4"
+    vlm: str | Path | None = None
+    pseudo_label: str | None = None
+    confidence_threshold: float = 0.8
+    prompt_threshold: float = 0.5
+    prompt_weight: float = 0.5
+    ema_decay: float = 0.99
+    unsupervised_weight: float = 1.0
+    rampup_fraction: float = 0.4
+    preset: str = "cpu"
+    max_steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    validation: int | float = 0.1
+    validation_every: int | None = None
+    train_cases: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    amp: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings)."""
+        values = asdict(self)
+        for key in ("data", "out", "vlm"):
+            if values[key] is not None:
+                values[key] = str(values[key])
+        return values
+
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices of several volumes, concatenated.
+
+    Attributes:
+        images: float32 ``(N, 1, H, W)`` in [0, 1].
+        labels: int64 ``(N, H, W)`` class ids (0 where unknown or unlabeled).
+        partial: bool ``(N,)``: the slice's mask is partial.
+        painted: bool ``(N, 20)``: classes painted in the slice's partial mask (all
+            False for complete or absent masks).
+        stacks: the per-volume stacks, in order.
+        case_ids: the volumes' case ids, in order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    partial: torch.Tensor
+    painted: torch.Tensor
+    stacks: list[SliceStack] = field(default_factory=list)
+    case_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def resolve_pseudo_label(method: str, pseudo_label: str | None) -> str | None:
+    """The pseudo-label source a method uses (None for ``supervised``).
+
+    Raises:
+        CPS4Error: unknown method or source, or a source ``mean-teacher`` cannot use.
+    """
+    if method not in METHODS:
+        raise CPS4Error(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if pseudo_label is not None and pseudo_label not in PSEUDO_LABEL_SOURCES:
+        raise CPS4Error(
+            f"--pseudo-label {pseudo_label!r} is unknown; choose one of {', '.join(PSEUDO_LABEL_SOURCES)}"
+        )
+    if method == "supervised":
+        return None
+    if method == "mean-teacher":
+        if pseudo_label not in (None, "teacher"):
+            raise CPS4Error(
+                f"--pseudo-label {pseudo_label} needs class-prompt maps; use --method cps4 with --vlm"
+            )
+        return "teacher"
+    return pseudo_label or "fused"
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """``exp(-5 (1 - t)^2)`` with ``t = step / rampup_steps`` clipped to [0, 1]."""
+    if rampup_steps <= 0:
+        return 1.0
+    progress = min(max(step / rampup_steps, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - progress) ** 2))
+
+
+@torch.no_grad()
+def update_ema(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
+    """Move the teacher towards the student: ``t = a t + (1 - a) s``.
+
+    ``a = min(decay, 1 - 1 / (step + 1))``, so early on the teacher follows the student
+    closely instead of averaging in its random start. Buffers are copied.
+
+    Args:
+        teacher: the EMA model, updated in place.
+        student: the trained model (not a DDP wrapper).
+        decay: the EMA decay in [0, 1).
+        step: optimiser steps done (1 after the first step).
+    """
+    alpha = min(decay, 1.0 - 1.0 / (step + 1))
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+        teacher_param.mul_(alpha).add_(student_param.detach(), alpha=1.0 - alpha)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+        teacher_buffer.copy_(student_buffer)
+
+
+def supervised_loss(
+    logits: torch.Tensor, labels: torch.Tensor, partial: torch.Tensor, painted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice + cross-entropy on labeled slices, restricted to known truth.
+
+    Args:
+        logits: ``(B, 20, H, W)`` student output.
+        labels: int64 ``(B, H, W)`` class ids (0: background, or unknown in partial masks).
+        partial: bool ``(B,)``: the slice's mask is partial.
+        painted: bool ``(B, 20)``: the classes painted in each partial mask.
+
+    Returns:
+        ``(dice_loss, ce_loss)`` scalars. Dice (MONAI ``DiceLoss``, foreground classes,
+        batch-wise) counts each class only where its truth is known and only classes
+        present among known pixels; CE ignores unknown pixels. Either is 0 if nothing
+        is known.
+    """
+    from monai.losses import DiceLoss
+
+    validity_rows, target_rows = [], []
+    for index in range(labels.shape[0]):
+        painted_ids = (
+            tuple(int(c) for c in torch.nonzero(painted[index]).flatten()) if partial[index] else None
+        )
+        validity_rows.append(class_validity(labels[index : index + 1], painted_ids, NUM_CLASSES))
+        target_rows.append(labels_for_ce(labels[index : index + 1], painted_ids))
+    validity = torch.cat(validity_rows).to(logits.dtype)
+    targets = torch.cat(target_rows)
+
+    known = targets != IGNORE_INDEX
+    if known.any():
+        ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    else:
+        ce = logits.sum() * 0.0
+
+    probabilities = torch.softmax(logits.float(), dim=1) * validity
+    onehot = F.one_hot(labels.clamp(min=0), NUM_CLASSES).permute(0, 3, 1, 2).to(probabilities.dtype)
+    onehot = onehot * validity
+    per_class = DiceLoss(include_background=False, batch=True, reduction="none")(probabilities, onehot)
+    present = onehot[:, 1:].sum(dim=(0, 2, 3)) > 0
+    dice = per_class.flatten()[present].mean() if present.any() else logits.sum() * 0.0
+    return dice, ce
+
+
+def pseudo_labels(
+    teacher_probs: torch.Tensor,
+    prompt_probs: torch.Tensor | None,
+    given: torch.Tensor,
+    painted: torch.Tensor,
+    mode: str,
+    confidence_threshold: float,
+    prompt_threshold: float = 0.5,
+    prompt_weight: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labels and the mask of pixels confident enough to learn from.
+
+    Args:
+        teacher_probs: ``(B, 20, H, W)`` teacher softmax on the weak view.
+        prompt_probs: ``(B, 19, H, W)`` stage-1 class maps on the weak view (modes
+            ``prompt`` and ``fused``), or None for ``teacher``.
+        given: int64 ``(B, H, W)`` painted classes of partial masks (0 where unknown).
+        painted: bool ``(B, 20)`` classes painted in each slice's partial mask.
+        mode: ``teacher``, ``prompt`` or ``fused``
+            (:func:`cps4_engine.fusion.combine_with_teacher`).
+        confidence_threshold: pixels whose pseudo-label confidence is below it are masked.
+        prompt_threshold: claim threshold of the class maps (mode ``prompt``).
+        prompt_weight: weight of the class maps (mode ``fused``).
+
+    Returns:
+        ``(labels, mask)``: int64 ``(B, H, W)`` class ids and bool ``(B, H, W)``. Given
+        pixels keep their class and are always in the mask; an unknown pixel whose
+        pseudo-label is a painted class is masked out.
+    """
+    if prompt_probs is None:
+        prompt_probs = torch.zeros(
+            teacher_probs.shape[0], NUM_CLASSES - 1, *teacher_probs.shape[2:],
+            device=teacher_probs.device, dtype=teacher_probs.dtype,
+        )
+    combined = combine_with_teacher(
+        teacher_probs, prompt_probs.to(teacher_probs.dtype), mode=mode,  # type: ignore[arg-type]
+        threshold=prompt_threshold, prompt_weight=prompt_weight, class_dim=1,
+    )
+    labels = combined.labels
+    mask = combined.confidence >= confidence_threshold
+    is_given = given > 0
+    painted_label = torch.gather(painted, 1, labels.flatten(1)).view_as(labels)
+    mask = (mask & ~painted_label) | is_given
+    labels = torch.where(is_given, given, labels)
+    return labels, mask
+
+
+def _load_stacks(cases: Sequence[Any], size: tuple[int, int], with_labels: bool) -> SliceSet:
+    """Read and preprocess volumes into one :class:`SliceSet` (labels only if asked)."""
+    from cps4_engine.io import read_volume
+
+    images, labels, partial, painted, stacks, case_ids = [], [], [], [], [], []
+    for case in cases:
+        volume = read_volume(case.image_path, kind="image")
+        label = None
+        case_painted = getattr(case, "painted", None)
+        if with_labels and case.label_path is not None:
+            label = read_volume(case.label_path, kind="label")
+        stack = prepare_volume(volume, size, label=label, painted=case_painted if label is not None else None)
+        count = stack.num_slices
+        images.append(torch.from_numpy(stack.images))
+        if stack.labels is not None:
+            labels.append(torch.from_numpy(stack.labels))
+        else:
+            labels.append(torch.zeros(count, *size, dtype=torch.int64))
+        is_partial = stack.labels is not None and stack.painted is not None
+        partial.append(torch.full((count,), is_partial, dtype=torch.bool))
+        row = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+        if is_partial:
+            row[[c for c in stack.painted if 0 <= c < NUM_CLASSES]] = True  # type: ignore[union-attr]
+        painted.append(row.expand(count, NUM_CLASSES).clone())
+        stacks.append(stack)
+        case_ids.append(str(case.case_id))
+    if not images:
+        empty = torch.zeros(0, 1, *size)
+        return SliceSet(empty, torch.zeros(0, *size, dtype=torch.int64),
+                        torch.zeros(0, dtype=torch.bool), torch.zeros(0, NUM_CLASSES, dtype=torch.bool))
+    return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(partial), torch.cat(painted),
+                    stacks, case_ids)
+
+
+def _concat_sets(first: SliceSet, second: SliceSet) -> SliceSet:
+    return SliceSet(
+        torch.cat([first.images, second.images]),
+        torch.cat([first.labels, second.labels]),
+        torch.cat([first.partial, second.partial]),
+        torch.cat([first.painted, second.painted]),
+        first.stacks + second.stacks,
+        first.case_ids + second.case_ids,
+    )
+
+
+def _check_labeled(labeled: int | float, method: str) -> None:
+    if isinstance(labeled, bool) or not isinstance(labeled, (int, float)):
+        raise CPS4Error(f"--labeled {labeled!r} must be a count or a fraction")
+    if labeled <= 0:
+        raise CPS4Error(f"--labeled {labeled} leaves no labeled volume; method {method} needs at least one")
+    if isinstance(labeled, float) and labeled > 1:
+        raise CPS4Error(f"--labeled {labeled} is neither a count (integer) nor a fraction in (0, 1]")
+
+
+def _load_vlm(run_dir: str | Path, device: torch.device) -> Any:
+    from cps4_engine import classmaps
+
+    read_run_config(run_dir, stage=1, scheme=SCHEME_NAME)
+    return classmaps.load_vlm(run_dir, device)
+
+
+@torch.no_grad()
+def compute_prompt_cache(vlm: Any, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stage-1 class maps of every slice, computed once (the cache stage 2 trains from).
+
+    Args:
+        vlm: a loaded stage-1 model (:func:`cps4_engine.classmaps.load_vlm`).
+        images: ``(N, 1, H, W)`` slices in [0, 1] at the segmenter's slice size.
+        device: where the model runs.
+
+    Returns:
+        float16 ``(N, 19, H, W)`` probabilities on ``device``, resized to ``(H, W)`` if
+        the stage-1 model works at another slice size.
+    """
+    size = tuple(images.shape[-2:])
+    vlm_size = getattr(vlm, "slice_size", None)
+    maps = []
+    for start in range(0, images.shape[0], PROMPT_BATCH):
+        batch = images[start : start + PROMPT_BATCH].to(device)
+        if vlm_size is not None and tuple(vlm_size) != size:
+            batch = F.interpolate(batch, size=tuple(vlm_size), mode="bilinear", align_corners=False)
+        probabilities = vlm.class_probabilities(batch).float()
+        if tuple(probabilities.shape[-2:]) != size:
+            probabilities = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False)
+        maps.append(probabilities.clamp(0.0, 1.0).to(torch.float16))
+    return torch.cat(maps) if maps else torch.zeros(0, NUM_CLASSES - 1, *size, dtype=torch.float16, device=device)
+
+
+@torch.no_grad()
+def predict_slices(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool) -> torch.Tensor:
+    """Softmax of ``model`` over slices, in batches.
+
+    Args:
+        model: a segmenter in eval mode.
+        images: ``(N, 1, H, W)`` on the model's device.
+        batch_size: slices per forward pass.
+        amp: bfloat16 autocast (CUDA only).
+
+    Returns:
+        float32 ``(N, 20, H, W)`` probabilities.
+    """
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        with _autocast(images.device, amp):
+            logits = model(images[start : start + batch_size])
+        outputs.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(outputs)
+
+
+def validation_dice(model: nn.Module, slices: SliceSet, device: torch.device, batch_size: int, amp: bool) -> float:
+    """Mean over volumes of the 3D Dice over foreground classes present (MONAI DiceMetric).
+
+    Args:
+        model: the network to score (switched to eval mode, then back).
+        slices: validation volumes with labels.
+        device: where to run.
+        batch_size: slices per forward pass.
+        amp: bfloat16 autocast on CUDA.
+
+    Returns:
+        Dice in [0, 1] on the model's slice grid; NaN if no volume has a foreground class.
+    """
+    from monai.metrics import DiceMetric
+
+    was_training = model.training
+    model.eval()
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    scores = []
+    start = 0
+    for stack in slices.stacks:
+        count = stack.num_slices
+        images = slices.images[start : start + count].to(device)
+        truth = slices.labels[start : start + count].to(device)
+        start += count
+        predicted = predict_slices(model, images, batch_size, amp).argmax(dim=1)
+        pred_onehot = F.one_hot(predicted, NUM_CLASSES).permute(3, 0, 1, 2)[None]
+        true_onehot = F.one_hot(truth, NUM_CLASSES).permute(3, 0, 1, 2)[None]
+        per_class = metric(pred_onehot, true_onehot)[0]
+        if torch.isfinite(per_class).any():
+            scores.append(float(torch.nanmean(per_class)))
+    model.train(was_training)
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def _autocast(device: torch.device, amp: bool) -> Any:
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class Stage2Trainer:
+    """One stage-2 run: data, networks, optimiser and the training loop.
+
+    ``Stage2Trainer(config).run(cancel)`` yields :class:`~cps4_engine.events.TrainEvent`
+    objects; after it finishes, :attr:`student` and :attr:`teacher` hold the final
+    networks (useful to tests and benchmarks). Construction validates the configuration
+    and raises :class:`~cps4_engine.errors.CPS4Error` on bad input before any work.
+
+    Args:
+        config: the run's settings.
+        vlm_loader: loads a stage-1 model from a run folder onto a device; defaults to
+            :func:`cps4_engine.classmaps.load_vlm` after checking the folder.
+    """
+
+    def __init__(
+        self, config: Stage2Config, vlm_loader: Callable[[str | Path, torch.device], Any] | None = None
+    ) -> None:
+        self.config = config
+        self.pseudo_label_source = resolve_pseudo_label(config.method, config.pseudo_label)
+        self.semi_supervised = config.method != "supervised"
+        _check_labeled(config.labeled, config.method)
+        if config.method == "cps4" and config.vlm is None:
+            raise CPS4Error("--method cps4 needs --vlm RUN, a stage-1 run folder (cps4 pretrain)")
+        if config.vlm is not None:
+            read_run_config(config.vlm, stage=1, scheme=SCHEME_NAME)
+        self.preset: Preset = get_preset(config.preset)
+        self.max_steps = int(config.max_steps or self.preset.stage2_max_steps)
+        if self.max_steps < 1:
+            raise CPS4Error(f"--max-steps {self.max_steps} must be at least 1")
+        self.batch_size = int(config.batch_size or self.preset.stage2_batch_size)
+        self.learning_rate = float(config.learning_rate or self.preset.stage2_learning_rate)
+        self.validation_every = int(config.validation_every or max(1, self.max_steps // 10))
+        self.out = Path(config.out)
+        if (self.out / "config.json").exists() and not config.resume:
+            raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
+        if config.resume and not (self.out / STATE_FILE).is_file():
+            raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
+        self._vlm_loader = vlm_loader or _load_vlm
+        self.split = self._split()
+        self.student: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+
+    def _split(self) -> Any:
+        from cps4_engine.data import open_dataset, split_cases
+
+        dataset = open_dataset(self.config.data)
+        cases = list(dataset.cases)
+        if self.config.train_cases is not None:
+            if not 1 <= self.config.train_cases <= len(cases):
+                raise CPS4Error(
+                    f"--train-cases {self.config.train_cases} must be between 1 and the {len(cases)} cases",
+                    path=self.config.data,
+                )
+        labeled_available = sum(1 for case in cases[: self.config.train_cases] if case.is_labeled)
+        if isinstance(self.config.labeled, int) and self.config.labeled > labeled_available:
+            raise CPS4Error(
+                f"--labeled {self.config.labeled} is more than the {labeled_available} labeled "
+                f"training volumes", path=self.config.data,
+            )
+        split = split_cases(
+            cases, labeled=self.config.labeled, seed=self.config.seed,
+            train=self.config.train_cases, validation=self.config.validation,
+        )
+        if not split.labeled:
+            raise CPS4Error(f"--labeled {self.config.labeled} selects no labeled volume", path=self.config.data)
+        partial_labeled = [case for case in split.labeled if case.is_partial]
+        if self.semi_supervised and not split.unlabeled and not partial_labeled:
+            raise CPS4Error(
+                f"no unlabeled training volume is left for method {self.config.method} "
+                f"(all {len(split.labeled)} are labeled); use --method supervised or label fewer",
+                path=self.config.data,
+            )
+        return split
+
+    def run_config(self) -> dict[str, Any]:
+        """What ``config.json`` records: enough for inference to rebuild the network."""
+        from cps4_engine.labels import mrspineseg_scheme
+
+        return {
+            "stage": 2,
+            "scheme": mrspineseg_scheme().to_dict(),
+            "preset": self.preset.to_dict(),
+            "segmenter": segmenter_config(self.preset),
+            "preprocessing": {
+                "slice_size": list(self.preset.slice_size),
+                "intensity": "per-volume percentile scaling 0.5-99.5 to [0, 1]",
+            },
+            "method": self.config.method,
+            "pseudo_label": self.pseudo_label_source,
+            "vlm": str(Path(self.config.vlm).resolve()) if self.config.vlm is not None else None,
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "validation_every": self.validation_every,
+            "settings": self.config.to_dict(),
+        }
+
+    def run(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
+        """Train, yielding events; see the module doc for what is written."""
+        context = distributed.setup(self.config.device)
+        try:
+            yield from self._run(context, cancel or CancelToken())
+        finally:
+            distributed.teardown(context)
+
+    def _run(self, context: distributed.DistContext, cancel: CancelToken) -> Iterator[TrainEvent]:
+        config, device, main = self.config, context.device, context.is_main
+        size = tuple(self.preset.slice_size)
+        amp = config.amp and device.type == "cuda"
+
+        labeled = _load_stacks(self.split.labeled, size, with_labels=True)
+        partial_cases = [case for case in self.split.labeled if case.is_partial]
+        unlabeled = _load_stacks(self.split.unlabeled, size, with_labels=False)
+        if partial_cases:
+            unlabeled = _concat_sets(unlabeled, _load_stacks(partial_cases, size, with_labels=True))
+        validation = _load_stacks(self.split.validation, size, with_labels=True)
+
+        prompt_cache = None
+        if self.semi_supervised and self.pseudo_label_source in ("prompt", "fused"):
+            vlm = self._vlm_loader(config.vlm, device)  # type: ignore[arg-type]
+            prompt_cache = compute_prompt_cache(vlm, unlabeled.images, device)
+            del vlm
+
+        torch.manual_seed(config.seed)
+        student = build_segmenter(self.preset).to(device)
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=self.learning_rate, weight_decay=1e-4)
+        sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
+        history: dict[str, Any] = {"steps": [], "validation": []}
+        start_step, best_score, best_source = 0, -math.inf, None
+
+        if config.resume:
+            student.load_state_dict(load_weights(self.out / LAST_FILE, device))
+            teacher.load_state_dict(load_weights(self.out / TEACHER_FILE, device))
+            start_step, extra = load_training_state(self.out / STATE_FILE, optimizer, generators={"sampler": sampler})
+            stored_best = extra.get("best_score")
+            best_score = -math.inf if stored_best is None else float(stored_best)
+            best_source = extra.get("best_source")
+            previous = _read_history(self.out / HISTORY_FILE)
+            history["steps"] = [e for e in previous.get("steps", []) if e["step"] <= start_step]
+            history["validation"] = [e for e in previous.get("validation", []) if e["step"] <= start_step]
+        elif main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.split.save(self.out / SPLIT_FILE)
+            write_run_config(self.out, self.run_config())
+
+        trained = distributed.wrap_model(student, context)
+        self.student, self.teacher = student, teacher
+        augmenter = SliceAugmenter(seed=config.seed * 7919 + start_step + context.rank)
+        labeled_pool = distributed.rank_shard(len(labeled), context)
+        unlabeled_pool = distributed.rank_shard(len(unlabeled), context) if len(unlabeled) else None
+        rampup_steps = int(config.rampup_fraction * self.max_steps)
+
+        if main:
+            yield TrainEvent(
+                "start", step=start_step, max_steps=self.max_steps,
+                message=(
+                    f"stage 2 {config.method}: {len(self.split.labeled)} labeled, "
+                    f"{len(self.split.unlabeled)} unlabeled, {len(self.split.validation)} validation "
+                    f"volumes; {len(labeled)} labeled / {len(unlabeled)} unlabeled slices on {device}"
+                    + (f" x{context.world_size} processes" if context.distributed else "")
+                ),
+            )
+
+        def save_checkpoint(step: int) -> Path:
+            save_weights(self.out / LAST_FILE, student.state_dict())
+            save_weights(self.out / TEACHER_FILE, teacher.state_dict())
+            if best_source is None:
+                save_weights(self.out / MODEL_FILE, student.state_dict())
+            save_training_state(
+                self.out / STATE_FILE, step, optimizer, generators={"sampler": sampler},
+                extra={"best_score": best_score if math.isfinite(best_score) else None,
+                       "best_source": best_source},
+            )
+            write_json_atomically(self.out / HISTORY_FILE, history)
+            return self.out / LAST_FILE
+
+        step_times: list[float] = []
+        step = start_step
+        while step < self.max_steps:
+            if distributed.any_rank(cancel.cancelled, context):
+                if main:
+                    path = save_checkpoint(step)
+                    yield TrainEvent("cancelled", step=step, max_steps=self.max_steps, path=str(path),
+                                     message=f"cancelled at step {step}; resume with --resume")
+                return
+            began = time.perf_counter()
+            losses = self._step(trained, student, teacher, optimizer, augmenter, sampler, labeled,
+                                labeled_pool, unlabeled, unlabeled_pool, prompt_cache, step,
+                                rampup_steps, device, amp)
+            step += 1
+            update_ema(teacher, student, config.ema_decay, step)
+            elapsed = time.perf_counter() - began
+            step_times.append(elapsed)
+            recent = step_times[-20:]
+            eta = float(np.mean(recent)) * (self.max_steps - step)
+            if main:
+                history["steps"].append({"step": step, "losses": losses, "step_s": elapsed})
+                yield TrainEvent("step", step=step, max_steps=self.max_steps, losses=losses, eta_s=eta)
+
+            if main and (step % self.validation_every == 0 or step == self.max_steps):
+                metrics = {}
+                if len(validation):
+                    metrics["dice"] = validation_dice(student, validation, device, self.batch_size, amp)
+                    if self.semi_supervised:
+                        metrics["teacher_dice"] = validation_dice(teacher, validation, device, self.batch_size, amp)
+                    for source, key in (("student", "dice"), ("teacher", "teacher_dice")):
+                        score = metrics.get(key, math.nan)
+                        if math.isfinite(score) and score > best_score:
+                            best_score, best_source = score, source
+                            chosen = student if source == "student" else teacher
+                            save_weights(self.out / MODEL_FILE, chosen.state_dict())
+                    history["validation"].append({"step": step, **metrics, "best": best_score, "best_source": best_source})
+                    yield TrainEvent("validation", step=step, max_steps=self.max_steps, metrics=metrics,
+                                     message=f"validation Dice {metrics['dice']:.3f} (best {best_score:.3f}, {best_source})")
+                path = save_checkpoint(step)
+                yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(path))
+        if main:
+            if step == start_step:
+                save_checkpoint(step)
+            yield TrainEvent("end", step=step, max_steps=self.max_steps, path=str(self.out),
+                             message=f"stage-2 run written to {self.out}")
+
+    def _step(
+        self, trained: nn.Module, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+        augmenter: SliceAugmenter, sampler: torch.Generator, labeled: SliceSet, labeled_pool: torch.Tensor,
+        unlabeled: SliceSet, unlabeled_pool: torch.Tensor | None, prompt_cache: torch.Tensor | None,
+        step: int, rampup_steps: int, device: torch.device, amp: bool,
+    ) -> dict[str, float]:
+        config = self.config
+        pick = labeled_pool[torch.randint(len(labeled_pool), (self.batch_size,), generator=sampler)]
+        weak_labeled = augmenter.weak({"image": labeled.images[pick].to(device),
+                                       "label": labeled.labels[pick].to(device)})
+        inputs = [weak_labeled["image"]]
+        semi = self.semi_supervised and unlabeled_pool is not None
+        if semi:
+            upick = unlabeled_pool[torch.randint(len(unlabeled_pool), (self.batch_size,), generator=sampler)]
+            views = {"image": unlabeled.images[upick].to(device), "label": unlabeled.labels[upick].to(device)}
+            if prompt_cache is not None:
+                views["prompt"] = prompt_cache[upick.to(prompt_cache.device)].to(device).float()
+            weak_unlabeled = augmenter.weak(views)
+            teacher.eval()
+            with torch.no_grad(), _autocast(device, amp):
+                teacher_probs = torch.softmax(teacher(weak_unlabeled["image"]).float(), dim=1)
+            targets, mask = pseudo_labels(
+                teacher_probs, weak_unlabeled.get("prompt"), weak_unlabeled["label"],
+                unlabeled.painted[upick].to(device), self.pseudo_label_source or "teacher",
+                config.confidence_threshold, config.prompt_threshold, config.prompt_weight,
+            )
+            inputs.append(augmenter.strong(weak_unlabeled["image"]))
+
+        student.train()
+        with _autocast(device, amp):
+            logits = trained(torch.cat(inputs)).float()
+        labeled_logits = logits[: self.batch_size]
+        dice, ce = supervised_loss(labeled_logits, weak_labeled["label"], labeled.partial[pick].to(device),
+                                   labeled.painted[pick].to(device))
+        total = dice + ce
+        losses = {"dice": float(dice.detach()), "ce": float(ce.detach())}
+        if semi:
+            weight = config.unsupervised_weight * sigmoid_rampup(step, rampup_steps)
+            pixel_ce = F.cross_entropy(logits[self.batch_size :], targets, reduction="none")
+            unsupervised = (pixel_ce * mask).mean()
+            total = total + weight * unsupervised
+            losses.update(unsupervised=float(unsupervised.detach()), weight=weight,
+                          confident=float(mask.float().mean()))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        losses["total"] = float(total.detach())
+        return losses
+
+
+def _read_history(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise CPS4Error("unreadable training history", path=path) from None
+
+
+def iter_train(config: Stage2Config, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
+    """Run stage 2, yielding :class:`~cps4_engine.events.TrainEvent` objects.
+
+    Raises:
+        CPS4Error: bad input (see :class:`Stage2Trainer`), before training starts.
+    """
+    trainer = Stage2Trainer(config)
+    return trainer.run(cancel)
+
+
+def train(
+    config: Stage2Config,
+    callback: Callable[[TrainEvent], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Run stage 2 to the end (or until cancelled) and return the run folder."""
+    run_with_callback(iter_train(config, cancel), callback)
+    return Path(config.out)
