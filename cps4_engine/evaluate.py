@@ -2,12 +2,15 @@
 
 Predictions and ground truth are files or folders. Folders are matched by case key: the
 file name without ``.nii``/``.nii.gz``, lower-cased, without the prefixes ``mask_``,
-``label_``, ``labels_``, ``seg_`` and the suffixes ``_labels``, ``_label``, ``_mask``,
-``_seg``, ``_pred`` and the nnU-Net channel suffix ``_0000``. So ``Case3_labels.nii.gz``
-(written by ``cps4 predict`` for ``MR/Case3.nii.gz``) matches ``Mask/mask_case3.nii.gz``,
-and ``spine_001_0000_labels.nii.gz`` matches ``labelsTr/spine_001.nii.gz``. A ground-truth
-folder that holds no NIfTI file itself but a ``Mask/``, ``labelsTr/`` or ``labels/``
-folder is read from there.
+``label_``, ``labels_``, ``seg_`` and any trailing run of the suffixes ``_labels``,
+``_label``, ``_mask``, ``_seg``, ``_pred``, ``_img``, ``_image`` and the nnU-Net channel
+suffix ``_0000``. So ``Case3_labels.nii.gz`` (written by ``cps4 predict`` for
+``MR/Case3.nii.gz``) matches ``Mask/mask_case3.nii.gz``, ``spine_001_0000_labels.nii.gz``
+matches ``labelsTr/spine_001.nii.gz`` and ``case11_img_labels.nii.gz`` matches
+``case11_seg.nii.gz``. A ground-truth folder that holds no NIfTI file itself but a
+``Mask/``, ``labelsTr/`` or ``labels/`` folder is read from there; where images and masks
+share a folder, the file named like a mask (``mask_``/``seg_`` prefix or ``_seg``,
+``_mask``, ``_label(s)`` suffix) is the ground truth.
 
 Every prediction must find its ground truth; ground-truth cases without a prediction are
 not scored (and counted in :attr:`Evaluation.unmatched_gt`). A partial mask (a
@@ -34,7 +37,8 @@ from cps4_engine.metrics import CaseMetrics, Summary, case_metrics, summarize
 
 GT_SUBFOLDERS = ("Mask", "labelsTr", "labels")
 _KEY_PREFIX = re.compile(r"^(mask|labels?|seg)_")
-_KEY_SUFFIX = re.compile(r"(_0000)?(_(labels?|mask|seg|pred))?$")
+_KEY_SUFFIX = re.compile(r"(_(0000|img|image|labels?|mask|seg|pred))+$")
+_LABEL_NAME = re.compile(r"(^(mask|labels?|seg)_)|(_(labels?|mask|seg)$)")
 
 
 @dataclass
@@ -116,13 +120,24 @@ def _gt_files(gt: Path) -> list[Path]:
     )
 
 
-def _keyed(files: Iterable[Path], what: str) -> dict[str, Path]:
-    keyed: dict[str, Path] = {}
+def _looks_like_labels(path: Path) -> bool:
+    return bool(_LABEL_NAME.search(nifti_stem(path).lower()))
+
+
+def _keyed(files: Iterable[Path], what: str, prefer_labels: bool = False) -> dict[str, Path]:
+    grouped: dict[str, list[Path]] = {}
     for path in files:
-        key = case_key(path)
-        if key in keyed:
-            raise CPS4Error(f"{what} files {keyed[key].name} and {path.name} name the same case {key!r}", path=path.parent)
-        keyed[key] = path
+        grouped.setdefault(case_key(path), []).append(path)
+    keyed: dict[str, Path] = {}
+    for key, paths in grouped.items():
+        if len(paths) > 1 and prefer_labels:
+            paths = [path for path in paths if _looks_like_labels(path)] or paths
+        if len(paths) > 1:
+            raise CPS4Error(
+                f"{what} files {paths[0].name} and {paths[1].name} name the same case {key!r}",
+                path=paths[0].parent,
+            )
+        keyed[key] = paths[0]
     return keyed
 
 
@@ -153,7 +168,7 @@ def match_cases(pred: str | Path, gt: str | Path) -> tuple[list[CasePair], list[
     if not pred_files:
         raise CPS4Error("no predicted NIfTI files (.nii, .nii.gz) in this folder", path=pred)
     preds = _keyed(pred_files, "prediction")
-    gts = _keyed(_gt_files(gt), "ground-truth")
+    gts = _keyed(_gt_files(gt), "ground-truth", prefer_labels=True)
     orphans = sorted(key for key in preds if key not in gts)
     if orphans:
         shown = ", ".join(preds[key].name for key in orphans[:3]) + (", ..." if len(orphans) > 3 else "")

@@ -46,6 +46,7 @@ def test_case_keys_match_predict_output_to_dataset_masks() -> None:
     assert case_key("Case3_labels.nii.gz") == case_key("mask_case3.nii.gz") == "case3"
     assert case_key("spine_001_0000_labels.nii.gz") == case_key("spine_001.nii") == "spine_001"
     assert case_key("sub-01_seg.nii.gz") == "sub-01"
+    assert case_key("case11_img_labels.nii.gz") == case_key("case11_seg.nii.gz") == "case11"
 
 
 def test_folders_are_scored_against_hand_computed_dice(tmp_path) -> None:
@@ -104,3 +105,19 @@ def test_errors_name_the_file(tmp_path) -> None:
         match_cases(empty, gt)
     with pytest.raises(CPS4Error, match="no ground-truth"):
         match_cases(pred, empty)
+
+
+def test_real_disc_masks_in_a_mixed_folder(realdata, tmp_path) -> None:
+    from cps4_engine.io import read_volume
+
+    truth = read_volume(realdata / "ivd_t2" / "case11_seg.nii.gz", kind="label")
+    shifted = np.zeros_like(truth.array)
+    shifted[1:] = truth.array[:-1]
+    write_volume(tmp_path / "case11_img_labels.nii.gz", shifted, truth.affine)
+    result = evaluate(tmp_path, realdata / "ivd_t2")
+    assert result.unmatched_gt == ["case20_seg"]
+    (case,) = result.cases
+    assert case.classes == (11, 12, 13, 14, 15)
+    assert all(0.5 < case.dice[c] < 1.0 for c in case.classes)
+    # a 1-voxel shift along a 1 mm axis moves every boundary by at most 1 mm
+    assert all(0.9 <= case.hd95[c] <= 1.0 + 1e-6 for c in case.classes)
