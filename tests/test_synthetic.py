@@ -94,7 +94,7 @@ def test_foreground_spans_several_slices_and_csf_is_bright(phantoms):
         assert (masks.reshape(masks.shape[0], -1) > 0).any(axis=1).sum() >= 5
         # T2 contrast: CSF in the canal (background in the mask) outshines vertebral marrow
         vertebrae = slices[(masks >= 1) & (masks <= 10)].mean()
-        assert np.percentile(slices[masks == 0], 99) > 1.2 * vertebrae
+        assert np.percentile(slices[masks == 0], 99.5) > 1.2 * vertebrae
 
 
 def test_generation_is_fast():
