@@ -114,6 +114,9 @@ class Stage2Config:
         seed: picks the labeled volumes and initialises the network and sampling.
         resume: continue the run in ``out`` from its last checkpoint.
         amp: mixed precision (bfloat16 autocast) on CUDA.
+        init_weights: a segmenter ``.safetensors`` file (e.g. a previous refinement
+            round's ``model.safetensors``) the student and teacher start from instead of
+            a random initialisation; ignored when resuming.
     """
 
     data: str | Path
@@ -139,11 +142,12 @@ class Stage2Config:
     seed: int = 0
     resume: bool = False
     amp: bool = True
+    init_weights: str | Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings)."""
         values = asdict(self)
-        for key in ("data", "out", "vlm"):
+        for key in ("data", "out", "vlm", "init_weights"):
             if values[key] is not None:
                 values[key] = str(values[key])
         return values
@@ -590,6 +594,13 @@ class Stage2Trainer:
 
         torch.manual_seed(config.seed)
         student = build_segmenter(self.preset).to(device)
+        if config.init_weights is not None and not config.resume:
+            try:
+                student.load_state_dict(load_weights(config.init_weights, device))
+            except RuntimeError:
+                raise CPS4Error(
+                    f"weights do not fit the {self.preset.name} preset's segmenter", path=config.init_weights
+                ) from None
         teacher = copy.deepcopy(student).requires_grad_(False)
         optimizer = torch.optim.AdamW(student.parameters(), lr=self.learning_rate, weight_decay=1e-4)
         sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
