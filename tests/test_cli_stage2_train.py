@@ -1,0 +1,80 @@
+"""``cps4 train`` and ``cps4 bench`` on the command line: a tiny run, bad input, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _stage2_data import write_dataset, write_stage1_run
+from cps4_engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("cli_stage2") / "data", cases=5)
+
+
+def _train(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(dataset), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
+            "--device", "cpu", "--validation", "1", *extra]
+
+
+def test_train_writes_a_stage2_run(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--labeled", "2", "--method", "mean-teacher")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == 2 and config["method"] == "mean-teacher" and config["max_steps"] == 3
+    assert (out / "model.safetensors").is_file()
+    assert "stage-2 run written to" in capsys.readouterr().out
+
+
+def test_labeled_fraction_is_accepted(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--labeled", "0.4", "--method", "supervised")) == 0
+    assert len(json.loads((out / "split.json").read_text())["labeled"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labeled", "2", "--method", "cps4"], "needs --vlm"),
+        (["--labeled", "0", "--method", "mean-teacher"], "no labeled volume"),
+        (["--labeled", "7", "--method", "supervised"], "more than the 5 labeled"),
+        (["--labeled", "4", "--method", "cps4", "--vlm", "VLM2"], "not a stage-1 run"),
+        (["--labeled", "4", "--method", "mean-teacher"], "no unlabeled training volume"),
+        (["--labeled", "2", "--method", "supervised", "--preset", "huge"], "unknown preset"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
+) -> None:
+    write_stage1_run(tmp_path / "VLM2", stage=2)
+    extra = [str(tmp_path / "VLM2") if item == "VLM2" else item for item in extra]
+    assert main(_train(dataset, tmp_path / "run", *extra)) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_unparsable_labeled_is_refused(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train(dataset, tmp_path / "run", "--labeled", "two"))
+    assert exit_info.value.code == 2
+
+
+def test_subprocess_prints_no_traceback(dataset: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cps4_engine", *_train(dataset, tmp_path / "run", "--labeled", "2", "--method", "cps4")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "needs --vlm" in result.stderr
+
+
+def test_bench_rejects_unknown_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--out", str(tmp_path), "--datasets", "mnist"]) == 2
+    assert "mnist" in capsys.readouterr().err
