@@ -130,6 +130,11 @@ class VLM(nn.Module):
         self.preset = preset
 
     @property
+    def slice_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the slices the model was trained on."""
+        return tuple(self.preset.slice_size)  # type: ignore[return-value]
+
+    @property
     def device(self) -> torch.device:
         """Where the model's parameters live."""
         return self.head.bias.device

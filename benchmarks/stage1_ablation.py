@@ -1,0 +1,245 @@
+"""Stage-1 ablation: Dice of the fused class maps on held-out volumes.
+
+For every dataset, seed and loss variant (both attention losses, no token loss, no pixel
+loss, neither) this pretrains stage 1 on the training volumes (2 labeled, the seed picks
+them), then fuses the class maps of every test volume (``fusion.fuse_class_maps``) in the
+volume's own geometry and scores them with ``metrics.case_metrics`` (3D Dice per class,
+mean over the classes present, mean over cases). A text-encoder comparison reruns the
+"both" variant with the tiny randomly initialised text encoder.
+
+Protocol (BENCHMARK_PROTOCOL.md):
+- ``synthetic``: ``cps4 synth DATA --cases 60 --seed 2026``; cases in file-name order,
+  the first 40 train, the last 20 test;
+- ``vb3``: ``../shared/realdata/vb3_l1l5_t1`` in ``index.json`` order, the first 14 train,
+  the last 6 test; scored on its classes (L1-L5 vertebral bodies).
+
+Full run (GPU machine)::
+
+    python benchmarks/stage1_ablation.py --device cuda --preset cpu --jobs 8 --out bench/stage1
+
+Smoke run (CPU, a minute)::
+
+    python benchmarks/stage1_ablation.py --preset tiny --max-steps 5 --seeds 0 \\
+        --variants both --datasets synthetic --synthetic-cases 4 --train-cases 3 --out /tmp/s1
+
+Writes ``results.json`` (every run, per-case Dice, the summary, the command and machine)
+and ``results.md`` (mean +- sd over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = {"both": (True, True), "no-token": (False, True), "no-pixel": (True, False), "neither": (False, False)}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunSpec:
+    """One pretraining + evaluation.
+
+    Attributes:
+        dataset: dataset name (``synthetic`` or ``vb3``).
+        data: dataset folder.
+        train_cases: the first N cases (dataset order) are training volumes; the rest test.
+        test_limit: evaluate at most this many test volumes (None: all).
+        variant: key of :data:`VARIANTS`.
+        text_encoder: text encoder spec (None: the default pretrained MiniLM).
+        seed: the run's seed.
+        preset: size preset.
+        max_steps: steps (None: the preset's).
+        device: torch device name.
+        out: the run folder.
+        threads: torch CPU threads of the worker.
+        labeled: labeled training volumes.
+    """
+
+    dataset: str
+    data: str
+    train_cases: int
+    test_limit: int | None
+    variant: str
+    text_encoder: str | None
+    seed: int
+    preset: str
+    max_steps: int | None
+    device: str
+    out: str
+    threads: int
+    labeled: int = 2
+
+    @property
+    def text_label(self) -> str:
+        return "tiny (random)" if self.text_encoder == "tiny" else (self.text_encoder or "MiniLM (pretrained)")
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Pretrain and evaluate one configuration (runs in a worker process)."""
+    import torch
+
+    from cps4_engine.classmaps import load_vlm, volume_class_maps
+    from cps4_engine.data import open_dataset
+    from cps4_engine.fusion import fuse_class_maps
+    from cps4_engine.io import read_volume
+    from cps4_engine.metrics import case_metrics
+    from cps4_engine.stage1 import Stage1Config, pretrain
+
+    torch.set_num_threads(spec.threads)
+    token, pixel = VARIANTS[spec.variant]
+    began = time.perf_counter()
+    config = Stage1Config(
+        data=spec.data, out=spec.out, labeled=spec.labeled, preset=spec.preset, max_steps=spec.max_steps,
+        device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
+        train_cases=spec.train_cases,
+    )
+    run_dir = Path(spec.out) / "config.json"
+    if not run_dir.is_file():
+        pretrain(config)
+    trained = time.perf_counter()
+    vlm = load_vlm(spec.out, spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    test_cases = list(open_dataset(spec.data).cases)[spec.train_cases :][: spec.test_limit]
+    cases = []
+    for case in test_cases:
+        volume = read_volume(case.image_path)
+        truth = read_volume(case.label_path, kind="label")
+        maps = volume_class_maps(vlm, volume)
+        predicted = fuse_class_maps(torch.from_numpy(maps.probabilities), class_dim=0).numpy()
+        result = case_metrics(predicted, truth.array, volume.spacing, case_id=str(case.case_id))
+        cases.append({"case": str(case.case_id), "dice": result.mean_dice, "per_class": {str(k): v for k, v in result.dice.items()}})
+    dice = [entry["dice"] for entry in cases if np.isfinite(entry["dice"])]
+    return {
+        **asdict(spec),
+        "text": spec.text_label,
+        "mean_dice": float(np.mean(dice)) if dice else float("nan"),
+        "cases": cases,
+        "train_seconds": trained - began,
+        "evaluate_seconds": time.perf_counter() - trained,
+    }
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean +- sample sd over seeds of each (dataset, variant, text encoder)."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for result in results:
+        groups.setdefault((result["dataset"], result["variant"], result["text"]), []).append(result["mean_dice"])
+    rows = []
+    for (dataset, variant, text), values in sorted(groups.items()):
+        array = np.asarray(values, dtype=float)
+        rows.append({
+            "dataset": dataset, "variant": variant, "text": text, "seeds": len(values),
+            "mean": float(np.nanmean(array)), "sd": float(np.nanstd(array, ddof=1)) if len(values) > 1 else 0.0,
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], command: str, machine: str) -> str:
+    """The summary as a markdown table, with the command and machine."""
+    lines = [
+        "| dataset | losses | text encoder | seeds | fused class-map Dice (mean ± sd) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['dataset']} | {row['variant']} | {row['text']} | {row['seeds']} | {100 * row['mean']:.2f} ± {100 * row['sd']:.2f} % |")
+    return "\n".join(lines) + f"\n\nCommand: `{command}`  \nMachine: {machine}\n"
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    name = platform.processor() or platform.machine()
+    if device != "cpu" and torch.cuda.is_available():
+        name = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{name}; torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="results folder (runs go to OUT/runs)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--preset", default="cpu", help="tiny, cpu or paper")
+    parser.add_argument("--max-steps", type=int, help="steps per run (default: the preset's)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated of " + ", ".join(VARIANTS))
+    parser.add_argument("--datasets", default="synthetic,vb3", help="comma-separated of synthetic, vb3")
+    parser.add_argument("--text-encoder", default=None, help="text encoder of the ablation (default: pretrained MiniLM)")
+    parser.add_argument("--no-text-comparison", action="store_true", help="skip the random-text-encoder rerun of 'both'")
+    parser.add_argument("--synthetic", type=Path, help="synthetic dataset folder (default: OUT/synthetic, generated if missing)")
+    parser.add_argument("--synthetic-cases", type=int, default=60, help="cases to generate (protocol: 60)")
+    parser.add_argument("--train-cases", type=int, help="override the training-case count of every dataset (smoke runs)")
+    parser.add_argument("--test-limit", type=int, help="evaluate at most this many test volumes per run (smoke runs)")
+    parser.add_argument("--realdata", type=Path, default=Path(os.environ.get("CPS4_REALDATA", PROJECT_ROOT.parent / "shared" / "realdata")))
+    parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
+    args = parser.parse_args(argv)
+
+    from cps4_engine.synthetic import write_synthetic_dataset
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    datasets: list[tuple[str, Path, int]] = []
+    for name in args.datasets.split(","):
+        if name == "synthetic":
+            folder = args.synthetic or args.out / "synthetic"
+            if not (folder / "MR").is_dir():
+                write_synthetic_dataset(folder, args.synthetic_cases, 2026)
+            datasets.append((name, folder, args.train_cases or 40))
+        elif name == "vb3":
+            folder = args.realdata / "vb3_l1l5_t1"
+            if not folder.is_dir():
+                print(f"skipping vb3: {folder} not found", file=sys.stderr)
+                continue
+            datasets.append((name, folder, args.train_cases or 14))
+        else:
+            parser.error(f"unknown dataset {name!r}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    specs: list[RunSpec] = []
+    for name, folder, train in datasets:
+        for seed in seeds:
+            runs = [(variant, args.text_encoder) for variant in variants]
+            if not args.no_text_comparison and args.text_encoder != "tiny":
+                runs.append(("both", "tiny"))
+            for variant, text in runs:
+                tag = f"{name}_{variant}_{'tiny' if text == 'tiny' else 'default' if text is None else Path(text).name}_s{seed}"
+                specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
+                                     args.max_steps, args.device, str(args.out / "runs" / tag), threads))
+    print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
+    results = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            for result in pool.map(run_one, specs):
+                results.append(result)
+                print(f"{result['dataset']} {result['variant']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
+    else:
+        for spec in specs:
+            result = run_one(spec)
+            results.append(result)
+            print(f"{result['dataset']} {result['variant']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
+    command = "python " + " ".join(shlex.quote(part) for part in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    machine = _machine(args.device)
+    rows = summarise(results)
+    payload = {"command": command, "machine": machine, "summary": rows, "runs": results}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=lambda value: None) + "\n")
+    table = markdown(rows, command, machine)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``cps4 pretrain``: stage 1, class-prompt vision-language pretraining.
+
+Ctrl-C stops at the next step and saves the state that ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+from typing import Any
+
+from cps4_engine.cli.cmd_train import count_or_fraction
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``pretrain`` command."""
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="stage 1: pretrain the class-prompt vision-language model",
+        description=(
+            "Stage 1 of CPS4: train an image encoder and a text encoder so that each class "
+            "prompt ('a sagittal T2-weighted MR image of the L3 vertebra') matches its own "
+            "spine unit, with token- and pixel-level attention losses. Uses the labeled "
+            "volumes of DATA. Writes RUN/config.json, model.safetensors (best on validation), "
+            "last.safetensors, train_state.safetensors, text_encoder/, history.json, split.json."
+        ),
+    )
+    parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder (any supported layout)")
+    parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
+                        help="labeled training volumes: a count (2) or a fraction (0.05)")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
+    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="slices per step (default: the preset's)")
+    parser.add_argument("--learning-rate", type=float, help="AdamW learning rate (default: the preset's)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--text-encoder", metavar="ID",
+                        help="tiny, minilm, a Hugging Face model folder or hub id "
+                             "(default: the pretrained MiniLM when installed, else tiny)")
+    parser.add_argument("--prompt-template", metavar="TEXT",
+                        help="class prompt template with a {name} placeholder "
+                             "(default: 'a sagittal T2-weighted MR image of the {name}')")
+    parser.add_argument("--seed", type=int, default=0, help="picks labeled volumes, initialises the networks")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--no-token-loss", action="store_true", help="ablation: drop the token-level attention loss")
+    parser.add_argument("--no-pixel-loss", action="store_true", help="ablation: drop the pixel-level attention loss")
+    parser.add_argument("--contrastive-weight", type=float, default=0.0,
+                        help="weight of the image-text contrastive term (default 0: off)")
+    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
+                        help="validation volumes from the training volumes: count or fraction (default 0.1)")
+    parser.add_argument("--train-cases", type=int,
+                        help="only the first N cases are training volumes; the rest are never seen")
+    parser.add_argument("--no-augment", action="store_true", help="no geometric augmentation")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pretrain and print progress; returns 0 (done) or 130 (cancelled)."""
+    from tqdm import tqdm
+
+    from cps4_engine.events import CancelToken
+    from cps4_engine.stage1 import Stage1Config, iter_pretrain
+
+    config = Stage1Config(
+        data=args.data, out=args.out, labeled=args.labeled, preset=args.preset, max_steps=args.max_steps,
+        device=args.device, text_encoder=args.text_encoder, seed=args.seed, resume=args.resume,
+        token_loss=not args.no_token_loss, pixel_loss=not args.no_pixel_loss,
+        contrastive_weight=args.contrastive_weight, prompt_template=args.prompt_template,
+        train_cases=args.train_cases, validation=args.validation, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp,
+    )
+    cancel = CancelToken()
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    bar = None
+    status = 0
+    try:
+        for event in iter_pretrain(config, cancel):
+            if event.kind == "start":
+                print(event.message)
+                bar = tqdm(total=event.max_steps, initial=event.step, desc="stage 1", unit="step")
+            elif event.kind == "step" and bar is not None:
+                bar.update(event.step - bar.n)
+                bar.set_postfix({key: f"{value:.3f}" for key, value in event.losses.items()})
+            elif event.kind == "validation" and bar is not None:
+                bar.write(f"step {event.step}: {event.message}")
+            elif event.kind == "cancelled":
+                status = 130
+                print(event.message)
+            elif event.kind == "end":
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                print(event.message)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if bar is not None:
+            bar.close()
+    return status

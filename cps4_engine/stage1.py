@@ -1,0 +1,467 @@
+"""Stage 1: class-prompt vision-language pretraining.
+
+:func:`iter_pretrain` trains the :class:`~cps4_engine.models.vlm.VLM` on the labeled
+training volumes of a dataset and yields :class:`~cps4_engine.events.TrainEvent` objects;
+:func:`pretrain` drives it with an optional callback. Data: the dataset's cases are split
+by :func:`cps4_engine.data.split_cases` (the seed picks the labeled volumes); the labeled
+volumes' slices are preprocessed once and cached in memory; batches are drawn with a
+seeded generator (slices showing a structure four times as often as empty ones) and
+augmented with the weak (joint geometric) view of
+:class:`cps4_engine.augment.SliceAugmenter`. Validation: the fused class maps
+(:func:`cps4_engine.fusion.fuse_class_maps`) of the validation volumes, scored by 3D Dice
+over the slices (MONAI ``DiceMetric``), choose the best checkpoint.
+
+Run folder (``out``):
+
+- ``config.json``: ``"stage": 1``, scheme, prompts (list, index = class id, background
+  first), prompt template, preset, preprocessing, text encoder, losses, seed, versions;
+- ``model.safetensors`` (best by validation Dice; the last weights when there is no
+  validation volume), ``last.safetensors``, ``train_state.safetensors`` (optimiser,
+  scaler, step, random generators: what ``resume`` needs);
+- ``text_encoder/``: the text backbone's config and tokenizer (weights are in the model
+  files), so the run loads without the original text encoder;
+- ``history.json`` (loss parts per step, validation scores), ``split.json``.
+
+Mixed precision on CUDA: bfloat16 autocast where supported, else float16 with a
+``GradScaler``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cps4_engine.checkpoint import (
+    load_training_state,
+    load_weights,
+    read_run_config,
+    save_training_state,
+    save_weights,
+    write_json_atomically,
+    write_run_config,
+)
+from cps4_engine.errors import CPS4Error
+from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
+from cps4_engine.labels import LabelScheme, mrspineseg_scheme
+from cps4_engine.losses import Stage1Loss, Stage1LossWeights, one_hot_targets
+from cps4_engine.models.image_encoder import build_image_encoder
+from cps4_engine.models.text import load_text_encoder
+from cps4_engine.models.vlm import VLM
+from cps4_engine.preprocess import class_validity, prepare_volume
+from cps4_engine.presets import Preset, get_preset
+
+BEST_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+STATE_FILE = "train_state.safetensors"
+HISTORY_FILE = "history.json"
+SPLIT_FILE = "split.json"
+TEXT_FOLDER = "text_encoder"
+EMPTY_SLICE_WEIGHT = 0.25
+WARMUP_FRACTION = 0.05
+
+
+@dataclass
+class Stage1Config:
+    """Settings of a stage-1 run.
+
+    Attributes:
+        data: dataset folder (any layout :func:`cps4_engine.data.open_dataset` reads).
+        out: run folder to create (or to continue with ``resume``).
+        labeled: labeled training volumes: a count, or a fraction of the training volumes.
+        preset: ``tiny``, ``cpu`` or ``paper`` (:mod:`cps4_engine.presets`).
+        max_steps: optimiser steps; None uses the preset's.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        text_encoder: see :func:`cps4_engine.models.text.load_text_encoder`.
+        seed: picks the labeled volumes, initialises the networks and the sampling.
+        resume: continue the run in ``out`` from its last saved state.
+        token_loss: use the token-level attention loss.
+        pixel_loss: use the pixel-level attention loss.
+        alignment_weight: weight of the dense prompt-pixel alignment.
+        token_weight: weight of the token-level attention loss.
+        pixel_weight: weight of the pixel-level attention loss.
+        contrastive_weight: weight of the image-text contrastive term (0: off).
+        prompt_template: class prompt template with a ``{name}`` placeholder; None uses
+            the scheme's.
+        train_cases: use only the first N cases of the dataset (in its order) for
+            training; the rest are never seen. None: all.
+        validation: validation volumes carved from the training volumes (count or
+            fraction); their fused class maps pick the best checkpoint.
+        validation_every: steps between validations and checkpoints; None uses the preset's.
+        batch_size: slices per step; None uses the preset's.
+        learning_rate: AdamW learning rate; None uses the preset's.
+        text_learning_rate_scale: the text backbone learns at this fraction of it (a
+            pretrained encoder should move slowly).
+        augment: apply the weak (geometric) augmentation to training batches.
+        amp: mixed precision on CUDA.
+        threshold: a class claims a pixel where its probability exceeds this (validation).
+    """
+
+    data: str | Path
+    out: str | Path
+    labeled: int | float = 2
+    preset: str = "cpu"
+    max_steps: int | None = None
+    device: str = "auto"
+    text_encoder: str | None = None
+    seed: int = 0
+    resume: bool = False
+    token_loss: bool = True
+    pixel_loss: bool = True
+    alignment_weight: float = 1.0
+    token_weight: float = 1.0
+    pixel_weight: float = 1.0
+    contrastive_weight: float = 0.0
+    prompt_template: str | None = None
+    train_cases: int | None = None
+    validation: int | float = 0.1
+    validation_every: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    text_learning_rate_scale: float = 0.1
+    augment: bool = True
+    amp: bool = True
+    threshold: float = 0.5
+
+    def loss_weights(self) -> Stage1LossWeights:
+        """The loss weights after the ablation switches."""
+        return Stage1LossWeights(
+            alignment=self.alignment_weight,
+            token=self.token_weight if self.token_loss else 0.0,
+            pixel=self.pixel_weight if self.pixel_loss else 0.0,
+            contrastive=self.contrastive_weight,
+        )
+
+
+@dataclass
+class SliceCache:
+    """Preprocessed slices of several volumes, kept in memory.
+
+    Attributes:
+        images: float32 ``(N, 1, H, W)`` in [0, 1].
+        labels: int64 ``(N, H, W)``.
+        painted: per slice, the painted classes of a partial mask or None.
+        volume_index: int64 ``(N,)``: which volume each slice comes from.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    painted: list[tuple[int, ...] | None]
+    volume_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def class_prompts(scheme: LabelScheme, template: str | None = None) -> list[str]:
+    """One prompt per class of ``scheme``, index = class id, background first.
+
+    Raises:
+        CPS4Error: the template has no ``{name}`` placeholder.
+    """
+    template = scheme.prompt_template if template is None else template
+    foreground = scheme.prompts(template)
+    return [template.format(name=scheme.by_id(0).name)] + [foreground[class_id] for class_id in scheme.foreground_ids]
+
+
+def load_slices(cases: Sequence[Any], size: tuple[int, int]) -> SliceCache:
+    """Read, preprocess and stack the labeled volumes ``cases``.
+
+    Args:
+        cases: :class:`cps4_engine.data.Case` objects with a label file.
+        size: model slice size ``(H, W)``.
+
+    Raises:
+        CPS4Error: a volume or mask is unreadable, or they do not match
+            (:func:`cps4_engine.data.load_case`).
+    """
+    from cps4_engine.data import load_case
+
+    images, labels, painted, owners = [], [], [], []
+    for index, case in enumerate(cases):
+        volume, label = load_case(case)
+        stack = prepare_volume(volume, size, label=label, painted=case.painted)
+        images.append(torch.from_numpy(stack.images))
+        labels.append(torch.from_numpy(stack.labels))
+        painted.extend([stack.painted] * stack.num_slices)
+        owners.append(torch.full((stack.num_slices,), index, dtype=torch.int64))
+    if not images:
+        return SliceCache(torch.zeros(0, 1, *size), torch.zeros(0, *size, dtype=torch.int64), [], torch.zeros(0, dtype=torch.int64))
+    return SliceCache(torch.cat(images), torch.cat(labels), painted, torch.cat(owners))
+
+
+def batch_validity(labels: torch.Tensor, painted: Sequence[tuple[int, ...] | None], num_classes: int) -> torch.Tensor:
+    """Where each class's truth is known, for a batch mixing volumes: bool ``(B, C, H, W)``."""
+    return torch.cat([class_validity(labels[i : i + 1], painted[i], num_classes) for i in range(labels.shape[0])])
+
+
+def _one_hot_volume(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Slices ``(S, H, W)`` of one volume as a one-hot 3D batch ``(1, C, S, H, W)``."""
+    return one_hot_targets(labels, num_classes).permute(1, 0, 2, 3).unsqueeze(0)
+
+
+@torch.no_grad()
+def validation_dice(vlm: VLM, cache: SliceCache, threshold: float) -> float:
+    """Mean over volumes of the 3D Dice of fused class maps, over the classes present.
+
+    Args:
+        vlm: the model.
+        cache: labeled validation slices.
+        threshold: class probability threshold of the fusion.
+
+    Returns:
+        Dice in [0, 1]; NaN when no volume has a foreground class.
+    """
+    from monai.metrics import DiceMetric
+
+    from cps4_engine.fusion import fuse_class_maps
+
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    num_classes = len(vlm.prompts)
+    scores = []
+    for index in torch.unique(cache.volume_index).tolist():
+        chosen = cache.volume_index == index
+        probabilities = vlm.class_probabilities(cache.images[chosen])
+        predicted = fuse_class_maps(probabilities, threshold, class_dim=1)
+        truth = cache.labels[chosen]
+        per_class = metric(_one_hot_volume(predicted.cpu(), num_classes), _one_hot_volume(truth, num_classes))
+        if torch.isfinite(per_class).any():
+            scores.append(float(per_class[torch.isfinite(per_class)].mean()))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _check_config(config: Stage1Config) -> None:
+    labeled = config.labeled
+    if isinstance(labeled, bool) or not isinstance(labeled, (int, float)):
+        raise CPS4Error(f"--labeled {labeled!r} must be a count or a fraction")
+    if labeled <= 0 or (isinstance(labeled, float) and labeled > 1):
+        raise CPS4Error(f"--labeled {labeled} must be a positive count or a fraction in (0, 1]")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise CPS4Error(f"--max-steps {config.max_steps} must be at least 1")
+    if not 0.0 < config.threshold < 1.0:
+        raise CPS4Error(f"threshold {config.threshold} must lie strictly between 0 and 1")
+
+
+def _learning_rate_factor(step: int, max_steps: int) -> float:
+    """Linear warm-up over the first steps, then cosine decay to 10 %."""
+    warmup = max(1, int(WARMUP_FRACTION * max_steps))
+    if step <= warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Stage1Trainer:
+    """One stage-1 run: checks, data, model, optimisation loop (see the module docstring)."""
+
+    def __init__(self, config: Stage1Config) -> None:
+        from cps4_engine.device import resolve_device
+
+        _check_config(config)
+        self.config = config
+        self.preset: Preset = get_preset(config.preset)
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out)
+        self.scheme = mrspineseg_scheme()
+        self.prompts = class_prompts(self.scheme, config.prompt_template)
+        self.max_steps = int(config.max_steps or self.preset.max_steps)
+        self.batch_size = int(config.batch_size or self.preset.batch_size)
+        self.learning_rate = float(config.learning_rate or self.preset.learning_rate)
+        self.validation_every = int(config.validation_every or min(self.preset.validation_every, self.max_steps))
+        if (self.out / "config.json").exists() and not config.resume:
+            raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
+        if config.resume:
+            read_run_config(self.out, stage=1, scheme=self.scheme.name)
+            if not (self.out / STATE_FILE).is_file():
+                raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
+        self.split = self._split()
+
+    def _split(self) -> Any:
+        from cps4_engine.data import open_dataset, split_cases
+
+        dataset = open_dataset(self.config.data)
+        cases = list(dataset.cases)
+        if self.config.train_cases is not None and not 1 <= self.config.train_cases <= len(cases):
+            raise CPS4Error(f"--train-cases {self.config.train_cases} must be between 1 and the {len(cases)} cases", path=self.config.data)
+        training = cases[: self.config.train_cases]
+        if not any(case.is_labeled for case in training):
+            raise CPS4Error("the dataset has no labeled volume; stage 1 needs at least one mask", path=self.config.data)
+        split = split_cases(cases, labeled=self.config.labeled, seed=self.config.seed, train=self.config.train_cases, validation=self.config.validation)
+        if not split.labeled:
+            raise CPS4Error(f"--labeled {self.config.labeled} selects no labeled volume", path=self.config.data)
+        return split
+
+    def run_config(self, text_source: str) -> dict[str, Any]:
+        """What ``config.json`` records: enough to rebuild the model and to audit the run."""
+        return {
+            "stage": 1,
+            "scheme": self.scheme.to_dict(),
+            "prompts": self.prompts,
+            "prompt_template": self.config.prompt_template or self.scheme.prompt_template,
+            "preset": self.preset.to_dict(),
+            "preprocessing": {
+                "slice_size": list(self.preset.slice_size),
+                "intensity": "per-volume percentile scaling 0.5-99.5 to [0, 1]",
+            },
+            "text_encoder": {"source": text_source, "requested": self.config.text_encoder, "folder": TEXT_FOLDER},
+            "losses": asdict(self.config.loss_weights()),
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "settings": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self.config).items()},
+        }
+
+    def build_model(self) -> VLM:
+        """A freshly initialised model for this run's preset, prompts and text encoder."""
+        text = load_text_encoder(self.config.text_encoder, embed_dim=self.preset.embed_dim, max_length=self.preset.text_max_length, seed=self.config.seed)
+        return VLM(build_image_encoder(self.preset), text, self.prompts, self.preset)
+
+    def _optimizer(self, model: VLM) -> torch.optim.Optimizer:
+        text_backbone = list(model.text_encoder.backbone.parameters())
+        text_ids = {id(parameter) for parameter in text_backbone}
+        others = [parameter for parameter in model.parameters() if id(parameter) not in text_ids]
+        return torch.optim.AdamW(
+            [
+                {"params": others, "lr": self.learning_rate, "base_lr": self.learning_rate},
+                {"params": text_backbone, "lr": self.learning_rate * self.config.text_learning_rate_scale, "base_lr": self.learning_rate * self.config.text_learning_rate_scale},
+            ],
+            weight_decay=1e-4,
+        )
+
+    def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
+        """Train, yielding events; see :func:`iter_pretrain`."""
+        config, device = self.config, self.device
+        _seed_everything(config.seed)
+        model = self.build_model().to(device)
+        train = load_slices(self.split.labeled, self.preset.slice_size)
+        validation = load_slices([case for case in self.split.validation if case.is_labeled], self.preset.slice_size)
+        optimizer = self._optimizer(model)
+        use_amp = config.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        sampler = torch.Generator().manual_seed(config.seed)
+        criterion = Stage1Loss(config.loss_weights(), self.preset.attention_stride)
+        history: dict[str, list] = {"steps": [], "validation": []}
+        start_step, best = 0, -1.0
+        if config.resume:
+            model.load_state_dict(load_weights(self.out / LAST_FILE, device))
+            start_step, extra = load_training_state(self.out / STATE_FILE, optimizer, scaler, generators={"sampler": sampler})
+            best = float(extra.get("best", -1.0))
+            previous = read_history(self.out)
+            history = {key: [entry for entry in previous.get(key, []) if entry["step"] <= start_step] for key in history}
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            model.text_encoder.save_architecture(self.out / TEXT_FOLDER)
+            self.split.save(self.out / SPLIT_FILE)
+            write_run_config(self.out, self.run_config(model.text_encoder.source))
+        augmenter = None
+        if config.augment:
+            from cps4_engine.augment import SliceAugmenter
+
+            augmenter = SliceAugmenter(seed=config.seed)
+        has_structure = (train.labels.flatten(1) > 0).any(dim=1)
+        weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
+        yield TrainEvent(
+            "start", step=start_step, max_steps=self.max_steps, path=str(self.out),
+            message=(
+                f"stage 1 on {device}: {len(self.split.labeled)} labeled volumes ({len(train)} slices), "
+                f"{len(self.split.validation)} validation, text encoder {model.text_encoder.source}"
+            ),
+        )
+        model.train()
+        began, first_step = time.perf_counter(), start_step
+        for step in range(start_step + 1, self.max_steps + 1):
+            if cancel is not None and cancel.cancelled:
+                self._save_last(model, optimizer, scaler, sampler, step - 1, best, history)
+                yield TrainEvent("cancelled", step=step - 1, max_steps=self.max_steps, path=str(self.out), message="cancelled; resume with --resume")
+                return
+            chosen = torch.multinomial(weights, self.batch_size, replacement=True, generator=sampler)
+            images, labels = train.images[chosen], train.labels[chosen]
+            if augmenter is not None:
+                augmented = augmenter.weak({"image": images, "label": labels})
+                images, labels = augmented["image"], augmented["label"]
+            validity = batch_validity(labels, [train.painted[i] for i in chosen.tolist()], len(self.prompts))
+            images, labels, validity = images.to(device), labels.to(device), validity.to(device)
+            factor = _learning_rate_factor(step, self.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                output = model(images)
+            losses = criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            if not math.isfinite(values["total"]):
+                raise CPS4Error(f"stage-1 loss became {values['total']} at step {step}; lower --learning-rate or disable AMP", path=self.out)
+            history["steps"].append({"step": step, **values, "lr": self.learning_rate * factor})
+            elapsed = time.perf_counter() - began
+            eta = elapsed / (step - first_step) * (self.max_steps - step)
+            yield TrainEvent("step", step=step, max_steps=self.max_steps, losses=values, eta_s=eta, message=f"loss {values['total']:.4f}")
+            if step % self.validation_every == 0 or step == self.max_steps:
+                metrics: dict[str, float] = {}
+                improved = not len(validation)
+                if len(validation):
+                    dice = validation_dice(model, validation, config.threshold)
+                    metrics["dice"] = dice
+                    improved = math.isfinite(dice) and dice > best
+                    best = max(best, dice) if math.isfinite(dice) else best
+                    history["validation"].append({"step": step, "dice": dice, "best": best})
+                    yield TrainEvent("validation", step=step, max_steps=self.max_steps, metrics=metrics, message=f"validation Dice {dice:.3f} (best {best:.3f})")
+                if improved:
+                    save_weights(self.out / BEST_FILE, model.state_dict())
+                    yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(self.out / BEST_FILE), message="best model saved")
+                path = self._save_last(model, optimizer, scaler, sampler, step, best, history)
+                yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(path), message="last model and training state saved")
+        yield TrainEvent("end", step=self.max_steps, max_steps=self.max_steps, metrics={"dice": best} if best >= 0 else {}, path=str(self.out), message=f"stage 1 done: {self.out}")
+
+    def _save_last(self, model: VLM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, sampler: torch.Generator, step: int, best: float, history: dict) -> Path:
+        path = save_weights(self.out / LAST_FILE, model.state_dict())
+        save_training_state(self.out / STATE_FILE, step, optimizer, scaler if scaler.is_enabled() else None, generators={"sampler": sampler}, extra={"best": best})
+        if not (self.out / BEST_FILE).exists():
+            save_weights(self.out / BEST_FILE, model.state_dict())
+        write_json_atomically(self.out / HISTORY_FILE, history)
+        return path
+
+
+def read_history(run_dir: str | Path) -> dict[str, list]:
+    """The ``history.json`` of a run (empty lists when it has none yet)."""
+    import json
+
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return {"steps": [], "validation": []}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def iter_pretrain(config: Stage1Config, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
+    """Run stage 1, yielding ``start``, ``step`` (loss parts, ETA), ``validation``,
+    ``checkpoint`` and finally ``end`` (or ``cancelled``) events.
+
+    Raises:
+        CPS4Error: bad settings, a dataset without a labeled volume, an ``out`` folder
+            that already holds a run (without ``resume``) or is not a stage-1 run.
+    """
+    yield from Stage1Trainer(config).events(cancel)
+
+
+def pretrain(config: Stage1Config, callback: Callable[[TrainEvent], None] | None = None, cancel: CancelToken | None = None) -> Path:
+    """Run stage 1 to the end (or until cancelled); returns the run folder."""
+    run_with_callback(iter_pretrain(config, cancel), callback)
+    return Path(config.out)
