@@ -1,0 +1,289 @@
+"""Training widget: stage 1 (prompt pretraining) and stage 2 (semi-supervised segmentation).
+
+The options mirror ``cps4 pretrain`` / ``cps4 train``: dataset, labeled volumes (a count
+such as ``2`` or a fraction such as ``0.05``), steps, size preset, device (those this
+machine has), text encoder (stage 1; empty = the installed pretrained MiniLM), method and
+stage-1 run (stage 2), output run folder.
+
+*Start* runs the trainer's event generator in a napari thread worker: the viewer stays
+responsive, a napari progress bar and the dock's plot follow the loss and validation Dice.
+*Stop* sets the trainer's cancel token; the trainer saves a checkpoint and the viewer stays
+usable. GPU memory is released at the end. Errors appear as viewer notifications. After
+stage 2, the chosen preview image is segmented and the prediction appears as a labels layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import napari
+from napari.layers import Image, Labels
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from cps4_engine.device import available_devices
+from cps4_engine.errors import CPS4Error
+from cps4_engine.events import CancelToken, TrainEvent
+from cps4_engine.io import Volume
+from napari_cps4._common import LayerCombo, reports_errors
+from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
+from napari_cps4._plot import CurvePlot
+from napari_cps4._workers import TrainingResult, training_events
+
+STAGES = {"Stage 1 — prompt pretraining": 1, "Stage 2 — segmentation": 2}
+PRESETS = ("tiny", "cpu", "paper")
+METHODS = ("cps4", "mean-teacher", "supervised")
+
+
+class TrainingWidget(QWidget):
+    """Stage-1/stage-2 options, Start/Stop, progress and a live curve (see module docstring)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker: GeneratorWorker | None = None
+        self.cancel_token: CancelToken | None = None
+        self.result: TrainingResult | None = None
+        self.prediction_layer: Labels | None = None
+        self._progress: progress | None = None
+        self._stage = 1
+        self._running_stage = 1
+
+        self.stage_combo = QComboBox()
+        self.stage_combo.addItems(list(STAGES))
+        self.stage_combo.currentTextChanged.connect(self._stage_changed)
+        self.data_edit = QLineEdit()
+        self.data_edit.setPlaceholderText("dataset folder (any supported layout)")
+        self.labeled_edit = QLineEdit("2")
+        self.labeled_edit.setToolTip("labeled volumes: a count (2) or a fraction of the volumes (0.05)")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 1_000_000)
+        self.steps_spin.setValue(200)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(PRESETS)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", *available_devices()])
+        self.text_encoder_edit = QLineEdit()
+        self.text_encoder_edit.setPlaceholderText("default: pretrained MiniLM; 'tiny'; a folder or hub id")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.vlm_edit = QLineEdit()
+        self.vlm_edit.setPlaceholderText("stage-1 run folder (for cps4)")
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("output run folder")
+        self.preview_combo = LayerCombo(napari_viewer, Image)
+
+        form = QFormLayout()
+        form.addRow("Stage", self.stage_combo)
+        form.addRow("Dataset", self.data_edit)
+        form.addRow("Labeled volumes", self.labeled_edit)
+        form.addRow("Steps", self.steps_spin)
+        form.addRow("Preset", self.preset_combo)
+        form.addRow("Device", self.device_combo)
+        self.text_encoder_label = QLabel("Text encoder")
+        form.addRow(self.text_encoder_label, self.text_encoder_edit)
+        self.method_label = QLabel("Method")
+        form.addRow(self.method_label, self.method_combo)
+        self.vlm_label = QLabel("Stage-1 run")
+        form.addRow(self.vlm_label, self.vlm_edit)
+        form.addRow("Run folder", self.out_edit)
+        self.preview_label = QLabel("Predict image")
+        form.addRow(self.preview_label, self.preview_combo)
+
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._start_clicked)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stop)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+        self.plot = CurvePlot()
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.plot)
+        self._stage_changed(self.stage_combo.currentText())
+
+    # public API (used by the buttons and by tests) ----------------------------------------
+
+    def build_config(self) -> Any:
+        """The trainer configuration for the chosen stage, from the widget's fields.
+
+        Raises:
+            CPS4Error: a required field is empty or malformed.
+        """
+        data = _required_path(self.data_edit, "dataset")
+        out = _required_path(self.out_edit, "run folder")
+        labeled = parse_labeled(self.labeled_edit.text())
+        common = {
+            "data": data,
+            "labeled": labeled,
+            "out": out,
+            "preset": self.preset_combo.currentText(),
+            "max_steps": self.steps_spin.value(),
+            "device": self.device_combo.currentText(),
+        }
+        if self._stage == 1:
+            from cps4_engine.stage1 import Stage1Config
+
+            return Stage1Config(text_encoder=self.text_encoder_edit.text().strip() or None, **common)
+        from cps4_engine.stage2 import Stage2Config
+
+        method = self.method_combo.currentText()
+        vlm_text = self.vlm_edit.text().strip()
+        if method == "cps4" and not vlm_text:
+            raise CPS4Error("method cps4 needs a stage-1 run folder (train stage 1 first)")
+        return Stage2Config(method=method, vlm=Path(vlm_text) if vlm_text else None, **common)
+
+    def start(self) -> GeneratorWorker:
+        """Start training the chosen stage in a thread worker; returns the worker.
+
+        Raises:
+            CPS4Error: a run is already going, or the options are incomplete.
+        """
+        if self.worker is not None:
+            raise CPS4Error("a training run is already going; press Stop first")
+        config = self.build_config()
+        preview = self._preview_volume() if self._stage == 2 else None
+        self.cancel_token = CancelToken()
+        self.result = None
+        self._running_stage = self._stage
+        stage_name = self.stage_combo.currentText()
+        self.plot.reset(stage_name)
+        self._progress = progress(total=config.max_steps, desc=f"CPS4 {stage_name}")
+        worker = create_worker(
+            training_events, self._stage, config, self.cancel_token, preview, _start_thread=False
+        )
+        worker.yielded.connect(self._on_event)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.start_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.status_label.setText(f"{stage_name}: starting…")
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Ask the running trainer to save a checkpoint and stop at its next step."""
+        if self.cancel_token is not None:
+            self.cancel_token.cancel()
+            self.status_label.setText("stopping after this step (a checkpoint is saved)…")
+
+    # worker signals ----------------------------------------------------------------------
+
+    def _on_event(self, event: TrainEvent) -> None:
+        if event.kind == "step":
+            if "total" in event.losses:
+                self.plot.add_loss(event.step, event.losses["total"])
+            if self._progress is not None:
+                self._progress.update(event.step - self._progress.n)
+            eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
+            loss = event.losses.get("total")
+            loss_text = f", loss {loss:.4f}" if loss is not None else ""
+            self.status_label.setText(f"step {event.step}/{event.max_steps}{loss_text}{eta}")
+        elif event.kind == "validation" and "dice" in event.metrics:
+            self.plot.add_dice(event.step, event.metrics["dice"])
+        elif event.message:
+            self.status_label.setText(event.message)
+
+    def _on_returned(self, result: TrainingResult) -> None:
+        self.result = result
+        stopped = result.last_event is not None and result.last_event.kind == "cancelled"
+        where = f" in {result.run_dir}"
+        self.status_label.setText(("stopped; checkpoint saved" if stopped else "finished") + where)
+        if self._running_stage == 1:
+            self.vlm_edit.setText(str(result.run_dir))
+        if result.prediction is not None:
+            self._show_prediction(result.prediction)
+        show_info(f"CPS4 training {'stopped' if stopped else 'finished'}{where}")
+
+    def _on_error(self, error: Exception) -> None:
+        self.status_label.setText(f"failed: {error}")
+        show_error(f"CPS4 training failed: {error}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.start_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+
+    # internals ---------------------------------------------------------------------------
+
+    def _preview_volume(self) -> Volume | None:
+        layer = self.preview_combo.layer()
+        if layer is None:
+            return None
+        return Volume(layer.data, layer_affine(layer), layer.metadata.get(SOURCE_KEY))
+
+    def _show_prediction(self, prediction: Any) -> None:
+        image_layer = self.preview_combo.layer()
+        if image_layer is None:
+            return
+        name = f"{image_layer.name} prediction"
+        data, attributes, _ = labels_layer_data(prediction.labels, layer_affine(image_layer), None, name)
+        attributes["scale"] = tuple(image_layer.scale)
+        attributes["translate"] = tuple(image_layer.translate)
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        self.prediction_layer = self.viewer.add_labels(data, **attributes)
+
+    def _stage_changed(self, text: str) -> None:
+        self._stage = STAGES[text]
+        for widget in (self.text_encoder_label, self.text_encoder_edit):
+            widget.setVisible(self._stage == 1)
+        for widget in (self.method_label, self.method_combo, self.vlm_label, self.vlm_edit,
+                       self.preview_label, self.preview_combo):
+            widget.setVisible(self._stage == 2)
+
+    @reports_errors
+    def _start_clicked(self, checked: bool = False) -> None:
+        self.start()
+
+
+def parse_labeled(text: str) -> int | float:
+    """``"2"`` → 2 volumes, ``"0.05"`` → 5 % of the volumes.
+
+    Raises:
+        CPS4Error: not a positive count or a fraction in (0, 1].
+    """
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise CPS4Error(f"labeled volumes {text!r} is neither a count nor a fraction") from None
+    if value <= 0:
+        raise CPS4Error(f"labeled volumes must be positive, got {text!r}")
+    if value.is_integer() and "." not in text:
+        return int(value)
+    if value > 1:
+        raise CPS4Error(f"labeled fraction {text!r} must be at most 1")
+    return value
+
+
+def _required_path(edit: QLineEdit, what: str) -> Path:
+    text = edit.text().strip()
+    if not text:
+        raise CPS4Error(f"choose a {what} first")
+    return Path(text)
