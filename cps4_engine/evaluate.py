@@ -12,6 +12,8 @@ matches ``labelsTr/spine_001.nii.gz`` and ``case11_img_labels.nii.gz`` matches
 share a folder, the file named like a mask (``mask_``/``seg_`` prefix or ``_seg``,
 ``_mask``, ``_label(s)`` suffix) is the ground truth.
 
+A prediction folder holding ``*_labels.nii[.gz]`` files (``cps4 predict`` output) is read
+for those only, so the confidence and probability volumes beside them are left out.
 Every prediction must find its ground truth; ground-truth cases without a prediction are
 not scored (and counted in :attr:`Evaluation.unmatched_gt`). A partial mask (a
 ``<mask>.cps4.json`` sidecar with ``"complete": false``) is scored on its painted classes
@@ -20,7 +22,6 @@ only. Metrics follow :mod:`cps4_engine.metrics`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from cps4_engine.data import read_label_status
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import is_nifti_path, nifti_stem, read_volume
 from cps4_engine.labels import LabelMap
@@ -80,28 +82,6 @@ def case_key(path: str | Path) -> str:
     stem = nifti_stem(path).lower()
     stem = _KEY_PREFIX.sub("", stem)
     return _KEY_SUFFIX.sub("", stem) or stem
-
-
-def read_painted(label_path: str | Path) -> tuple[int, ...] | None:
-    """The painted classes of a partial mask from its ``.cps4.json`` sidecar.
-
-    Returns:
-        Sorted class ids when the sidecar says the mask is partial; None when there is no
-        sidecar or it says the mask is complete.
-
-    Raises:
-        CPS4Error: the sidecar is not valid JSON or lacks a list of painted ids.
-    """
-    sidecar = Path(label_path).with_name(nifti_stem(label_path) + ".cps4.json")
-    if not sidecar.is_file():
-        return None
-    try:
-        status = json.loads(sidecar.read_text(encoding="utf-8"))
-        if status.get("complete", False):
-            return None
-        return tuple(sorted(int(c) for c in status["painted"]))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CPS4Error(f"not a valid label-status file ({error})", path=sidecar) from None
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -161,10 +141,12 @@ def match_cases(pred: str | Path, gt: str | Path) -> tuple[list[CasePair], list[
         if not path.exists():
             raise CPS4Error(f"{what} not found", path=path)
     if pred.is_file() and gt.is_file():
-        return [CasePair(nifti_stem(gt), pred, gt, read_painted(gt))], []
+        return [CasePair(nifti_stem(gt), pred, gt, read_label_status(gt))], []
     if pred.is_file() != gt.is_file():
         raise CPS4Error("give two files or two folders, not a file and a folder", path=pred if pred.is_file() else gt)
     pred_files = _nifti_files(pred)
+    label_outputs = [path for path in pred_files if nifti_stem(path).lower().endswith("_labels")]
+    pred_files = label_outputs or pred_files
     if not pred_files:
         raise CPS4Error("no predicted NIfTI files (.nii, .nii.gz) in this folder", path=pred)
     preds = _keyed(pred_files, "prediction")
@@ -174,7 +156,7 @@ def match_cases(pred: str | Path, gt: str | Path) -> tuple[list[CasePair], list[
         shown = ", ".join(preds[key].name for key in orphans[:3]) + (", ..." if len(orphans) > 3 else "")
         raise CPS4Error(f"{len(orphans)} prediction(s) have no ground truth in {gt} ({shown})", path=pred)
     pairs = [
-        CasePair(nifti_stem(path), preds[key], path, read_painted(path))
+        CasePair(nifti_stem(path), preds[key], path, read_label_status(path))
         for key, path in gts.items()
         if key in preds
     ]

@@ -51,6 +51,7 @@ def test_case_keys_match_predict_output_to_dataset_masks() -> None:
 
 def test_folders_are_scored_against_hand_computed_dice(tmp_path) -> None:
     pred, gt = _hand_checked(tmp_path)
+    write_volume(pred / "Case1_confidence.nii.gz", np.ones((8, 8, 3), np.float32), AFFINE)
     result = evaluate(pred, tmp_path)
     assert [case.case_id for case in result.cases] == ["mask_case1", "mask_case2"]
     assert result.unmatched_gt == ["mask_case3"]
