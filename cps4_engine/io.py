@@ -240,10 +240,25 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
         image = nib.load(str(path))
     except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as error:
+        if _gzip_is_truncated(path):
+            raise CPS4Error("file is truncated (the gzip stream ends early)", path=path) from None
         raise CPS4Error(f"not a readable NIfTI file ({_short(error)})", path=path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CPS4Error("not a NIfTI file", path=path)
     return image
+
+
+def _gzip_is_truncated(path: Path) -> bool:
+    """Whether ``path`` is a gzip stream that stops before its end marker."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 20):
+                pass
+    except EOFError:
+        return True
+    except (OSError, zlib.error):
+        return False
+    return False
 
 
 def _short(error: BaseException) -> str:
