@@ -37,3 +37,17 @@ def realdata() -> Path:
     if root is None:
         pytest.skip("real spine MR cases not found (set CPS4_REALDATA or provide ../shared/realdata)")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four tiny synthetic phantoms (``cps4 synth --cases 4 --seed 0``), MRSpineSeg layout.
+
+    Shared by the whole session: treat it as read-only (copy it before adding masks or
+    sidecars).
+    """
+    from cps4_engine.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    write_synthetic_dataset(root, cases=4, seed=0)
+    return root
