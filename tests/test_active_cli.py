@@ -11,7 +11,8 @@ import pytest
 from cps4_engine.active.queue import case_uncertainty, review_queue
 from cps4_engine.active.workspace import Workspace
 from cps4_engine.cli import main
-from cps4_engine.io import write_volume
+from cps4_engine.data import open_dataset, write_label_status
+from cps4_engine.io import read_volume, write_volume
 from cps4_engine.labels import mrspineseg_scheme
 
 SHAPE = (4, 8, 8)
@@ -80,3 +81,53 @@ def test_cli_errors_are_one_line(tmp_path: Path, scored_workspace: Workspace, ca
     assert main(["queue", str(scored_workspace.root), "--top", "0"]) == 2
     assert "--top 0" in capsys.readouterr().err
     assert main(["workspace", "status", str(tmp_path)]) == 2
+
+
+def mrspineseg_folder(root: Path) -> Path:
+    """Case1 with a complete mask, Case2 unlabeled, Case3 with a partial mask (L3 painted)."""
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[:, :4] = L4
+    label[:, 4:] = L3
+    for number in (1, 2, 3):
+        write_volume(root / "MR" / f"Case{number}.nii.gz", np.full(SHAPE, number, dtype=np.float32), np.eye(4))
+    write_volume(root / "Mask" / "mask_case1.nii.gz", label, np.eye(4))
+    partial = write_volume(root / "Mask" / "mask_case3.nii.gz", np.where(label == L3, L3, 0).astype(np.uint8), np.eye(4))
+    write_label_status(partial, painted=[L3], complete=False)
+    return root
+
+
+def test_cps4_workspace_init_status_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = mrspineseg_folder(tmp_path / "data")
+    assert main(["workspace", "init", str(tmp_path / "ws"), "--data", str(data)]) == 0
+    assert "3 cases" in capsys.readouterr().out
+    workspace = Workspace.open(tmp_path / "ws")
+    assert [workspace.state(c) for c in workspace.case_ids()] == ["reviewed", "unlabeled", "reviewed"]
+    assert workspace.labeled_for_training() == [("Case1", None), ("Case3", (L3,))]
+
+    prediction = np.full(SHAPE, L4, dtype=np.uint8)
+    workspace.add_prediction("Case2", prediction, 1)
+    workspace.add_prediction("Case3", prediction, 1)
+    workspace.set_class_status("Case1", L4, "rejected")
+
+    assert main(["workspace", "export", str(tmp_path / "ws"), "--out", str(tmp_path / "out")]) == 0
+    exported = {case.case_id: case for case in open_dataset(tmp_path / "out").cases}
+    assert sorted(exported) == ["Case1", "Case2", "Case3"], "MRSpineSeg names and numbers kept"
+    case1 = read_volume(exported["Case1"].label_path, kind="label").array
+    assert set(np.unique(case1)) == {0, L3}, "the rejected class is left out"
+    assert exported["Case1"].is_partial and tuple(exported["Case1"].painted) == (L3,)
+    case3 = read_volume(exported["Case3"].label_path, kind="label").array
+    assert (case3[:, 4:] == L3).all() and (case3[:, :4] == L4).all(), "human L3 kept, machine L4 added"
+    np.testing.assert_array_equal(read_volume(exported["Case2"].image_path).array, np.full(SHAPE, 2.0))
+
+    assert main(["workspace", "export", str(tmp_path / "ws"), "--out", str(tmp_path / "reviewed"), "--reviewed-only"]) == 0
+    reviewed = {case.case_id: case for case in open_dataset(tmp_path / "reviewed").cases}
+    assert not read_volume(reviewed["Case2"].label_path, kind="label").array.any()
+    assert set(np.unique(read_volume(reviewed["Case3"].label_path, kind="label").array)) == {0, L3}
+
+    capsys.readouterr()
+    assert main(["workspace", "export", str(tmp_path / "ws"), "--out", str(tmp_path / "out")]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert main(["workspace", "init", str(tmp_path / "ws"), "--data", str(data)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["workspace", "init", str(tmp_path / "ws2"), "--data", str(data), "--heldout", "Case2"]) == 2
+    assert "has no mask" in capsys.readouterr().err
