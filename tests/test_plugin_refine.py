@@ -125,3 +125,40 @@ def test_queue_table_from_a_workspace_and_loading_a_case(make_napari_viewer, tmp
     statuses = reopened.class_statuses("doubtful")
     assert statuses[L4].status == "accepted" and statuses[L3].status == "corrected"
     assert statuses[5].status == "corrected", "L3 became L2 by the shift: a human change"
+
+
+def test_embedded_in_the_review_widget_and_retraining_off_the_gui_thread(
+    make_napari_viewer, qtbot, tmp_path: Path
+) -> None:
+    from napari_cps4._review_widget import ReviewWidget
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for index in range(3):
+        labels = np.roll(spine_labels(), index, axis=2)
+        image = np.where(labels == 0, 0.1, 0.9).astype(np.float32) + rng.normal(0, 0.02, labels.shape).astype(np.float32)
+        image_path = write_volume(tmp_path / f"case{index}.nii.gz", image, AFFINE)
+        label_path = write_volume(tmp_path / f"case{index}_seg.nii.gz", labels.astype(np.uint8), AFFINE)
+        cases.append(SimpleNamespace(case_id=f"case{index}", image_path=image_path, label_path=label_path, painted=None))
+    Workspace.create(tmp_path / "ws", cases, SCHEME, heldout=["case2"], import_labels=["case0"])
+
+    viewer = make_napari_viewer()
+    review = ReviewWidget(viewer)
+    panel = review.refinement_panel
+    assert isinstance(panel, RefinementPanel) and panel.review_widget is review
+    panel.open_workspace(tmp_path / "ws")
+    panel.preset_combo.setCurrentText("tiny")
+    panel.steps_spin.setValue(2)
+    panel.method_combo.setCurrentText("supervised")
+    panel.device_combo.setCurrentText("cpu")
+    worker = panel.retrain()
+    assert not panel.retrain_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.retrain_button.isEnabled(), timeout=120_000)
+    assert panel.workspace.current_round == 1
+    assert panel.plot.rounds == [1] and 0.0 <= panel.plot.dice[0] <= 1.0
+    assert [entry.case_id for entry in panel.queue] == ["case1"]
+    assert worker.is_running is False
+
+    panel.load_case("case1")
+    assert review.labels_layer is viewer.layers["case1 labels"]
+    np.testing.assert_array_equal(review.labels_layer.data, panel.workspace.current_labels("case1"))
