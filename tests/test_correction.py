@@ -157,3 +157,17 @@ def test_check_order_uses_the_affine_not_the_voxel_axes() -> None:
     assert report.of_kind("misordered") and report.of_kind("disc_position")
     with pytest.raises(CPS4Error, match="4x4"):
         check_order(stored, np.eye(3), SCHEME)
+
+
+def test_real_vertebral_body_masks_are_in_order(realdata) -> None:
+    """A manual L1–L5 mask passes the check; swapping two levels is caught."""
+    from cps4_engine.io import read_volume
+
+    volume = read_volume(realdata / "vb3_l1l5_t1" / "case01_seg.nii.gz", kind="label")
+    report = check_order(volume.array, volume.affine, SCHEME)
+    assert not report.of_kind("gap") and not report.of_kind("misordered"), str(report)
+    assert report.heights_mm[L1] > report.heights_mm[L3] > report.heights_mm[L5]
+    swapped = check_order(swap_classes(volume.array, L2, L4, SCHEME), volume.affine, SCHEME)
+    assert {issue.classes for issue in swapped.of_kind("misordered")} == {(L4, L3), (L3, L2)}
+    shifted = check_order(shift_levels(volume.array, -1, SCHEME), volume.affine, SCHEME)
+    assert not shifted.of_kind("misordered") and shifted.heights_mm[S] == report.heights_mm[L5]
