@@ -67,6 +67,33 @@ class _Unit:
         return 0.5 * (self.end - self.start)
 
 
+@dataclass
+class _Scene:
+    """Everything needed to draw one in-plane slice at any lateral distance.
+
+    Per-pixel arrays are flat ``(rows * cols,)``; distances in mm.
+    """
+
+    arc: np.ndarray
+    depth_offset: np.ndarray
+    unit: dict[str, np.ndarray]
+    is_disc: np.ndarray
+    in_column: np.ndarray
+    body_depth: np.ndarray
+    canal_front: np.ndarray
+    canal_middle: np.ndarray
+    canal_back: np.ndarray
+    sacrum_length: float
+    canal_depth: float
+    spinous_length: float
+    muscle_back: float
+    fat_back: float
+    conus: float
+    tissue: dict[str, float]
+    texture: np.ndarray
+    bowel: np.ndarray
+
+
 def _spine_units(rng: np.random.Generator, scale: float) -> tuple[list[_Unit], float]:
     """Lay out discs and bodies upwards from the sacrum top (s = 0); also the sacrum length."""
     units: list[_Unit] = []
@@ -244,18 +271,20 @@ def generate_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     texture = 1.0 + 0.12 * gaussian_filter(rng.standard_normal((rows, cols)), 2.0).reshape(-1) * 4.0
     bowel = gaussian_filter(rng.standard_normal((rows, cols)), 3.0).reshape(-1) * 6.0
 
+    scene = _Scene(
+        arc=arc, depth_offset=depth_offset, unit=unit, is_disc=is_disc, in_column=in_column,
+        body_depth=body_depth, canal_front=canal_front, canal_middle=canal_middle,
+        canal_back=canal_back, sacrum_length=sacrum_length, canal_depth=canal_depth,
+        spinous_length=spinous_length, muscle_back=muscle_back, fat_back=fat_back, conus=conus,
+        tissue=tissue, texture=texture, bowel=bowel,
+    )
     image = np.zeros((num_slices, rows * cols), np.float32)
     label = np.zeros((num_slices, rows * cols), np.uint8)
     for slice_index in range(num_slices):
         centre_x = (slice_index - 0.5 * (num_slices - 1)) * thickness - midline
         samples = []
         for fraction in _LATERAL_SAMPLES:
-            x = np.abs(centre_x + fraction * thickness - lateral_sway)
-            intensity, classes = _draw(
-                arc, depth_offset, x, unit, is_disc, in_column, body_depth, sacrum_length,
-                canal_front, canal_middle, canal_depth, canal_back, spinous_length, muscle_back,
-                fat_back, conus, tissue, texture, bowel,
-            )
+            intensity, classes = _draw(scene, np.abs(centre_x + fraction * thickness - lateral_sway))
             samples.append(intensity)
             if fraction == 0.0:
                 label[slice_index] = classes
@@ -296,12 +325,18 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.exp(log_field).astype(np.float32)
 
 
-def _draw(
-    arc, depth_offset, x, unit, is_disc, in_column, body_depth, sacrum_length,
-    canal_front, canal_middle, canal_depth, canal_back, spinous_length, muscle_back,
-    fat_back, conus, tissue, texture, bowel,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Intensity and class id of every in-plane pixel at lateral distance ``x`` (mm)."""
+def _draw(scene: _Scene, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity and class id of every in-plane pixel at lateral distance ``x`` (mm).
+
+    Returns:
+        float32 intensities and uint8 class ids, both flat ``(rows * cols,)``.
+    """
+    arc, depth_offset, unit, is_disc = scene.arc, scene.depth_offset, scene.unit, scene.is_disc
+    in_column, body_depth, sacrum_length = scene.in_column, scene.body_depth, scene.sacrum_length
+    canal_front, canal_middle, canal_back = scene.canal_front, scene.canal_middle, scene.canal_back
+    canal_depth, spinous_length, conus = scene.canal_depth, scene.spinous_length, scene.conus
+    muscle_back, fat_back, tissue, texture = scene.muscle_back, scene.fat_back, scene.tissue, scene.texture
+    bowel = scene.bowel
     lateral = np.sqrt(np.clip(1.0 - (2.0 * x / unit["width"]) ** 2, 0.0, 1.0))
     along = (arc - unit["middle"]) / unit["half_height"]
     across = depth_offset / np.maximum(0.5 * body_depth * lateral, 1e-3)
