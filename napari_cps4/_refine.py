@@ -25,7 +25,7 @@ import napari
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image, Labels
+from napari.layers import Labels
 from napari.qt.threading import FunctionWorker, GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
