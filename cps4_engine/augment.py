@@ -14,7 +14,8 @@ can supervise the student pixel by pixel. We therefore split the two:
 No flips: a sagittal slice flipped top to bottom would turn L5 into T12's position, and
 which level is which has to be learned from that context.
 
-Shapes: batches are ``(B, C, H, W)`` tensors on any device; transforms run per sample
+Shapes: batches are ``(B, C, H, W)`` tensors on any device. The weak affine resamples the
+whole batch at once (MONAI ``AffineTransform``); the strong transforms run per sample
 (MONAI's array transforms are channel-first without a batch axis).
 """
 
@@ -24,10 +25,10 @@ import math
 from typing import Mapping
 
 import torch
+from monai.networks.layers import AffineTransform
 from monai.transforms import (
     Compose,
     RandAdjustContrast,
-    RandAffined,
     RandBiasField,
     RandCoarseDropout,
     RandGaussianNoise,
@@ -41,7 +42,8 @@ class SliceAugmenter:
     """Seeded weak (joint geometric) and strong (intensity) augmentation of slice batches.
 
     Args:
-        seed: seeds MONAI's random state, so a run's augmentation is reproducible.
+        seed: seeds the affine generator and MONAI's random state, so a run's
+            augmentation is reproducible.
         rotate_degrees: maximum in-plane rotation of the weak view, degrees.
         scale: maximum relative zoom of the weak view (0.1 → 0.9–1.1).
         translate_fraction: maximum shift of the weak view as a fraction of H and W.
@@ -62,29 +64,59 @@ class SliceAugmenter:
         self.scale = scale
         self.translate_fraction = translate_fraction
         self.weak_probability = weak_probability
-        self._weak_cache: dict[tuple[tuple[str, ...], tuple[int, int]], RandAffined] = {}
+        self._weak_generator = torch.Generator().manual_seed(seed)
+        self._bilinear = AffineTransform(mode="bilinear", padding_mode="zeros", zero_centered=True)
+        self._nearest = AffineTransform(mode="nearest", padding_mode="zeros", zero_centered=True)
         self._seed = seed
         self.strong_probability = strong_probability
         self._strong_cache: dict[tuple[int, int], Compose] = {}
 
-    def _weak_transform(self, keys: tuple[str, ...], size: tuple[int, int]) -> RandAffined:
-        cache_key = (keys, size)
-        if cache_key not in self._weak_cache:
-            transform = RandAffined(
-                keys=list(keys),
-                mode=["nearest" if key in NEAREST_KEYS else "bilinear" for key in keys],
-                padding_mode="zeros",
-                prob=self.weak_probability,
-                rotate_range=(self.rotate_radians,),
-                scale_range=(self.scale, self.scale),
-                translate_range=(
-                    self.translate_fraction * size[0],
-                    self.translate_fraction * size[1],
-                ),
-            )
-            transform.set_random_state(seed=self._seed + len(self._weak_cache) * 7919)
-            self._weak_cache[cache_key] = transform
-        return self._weak_cache[cache_key]
+    def _weak_matrices(self, count: int, size: tuple[int, int]) -> torch.Tensor:
+        """Random ``(count, 3, 3)`` pull-direction affines about the slice centre, in pixels."""
+        generator = self._weak_generator
+        applied = torch.rand(count, generator=generator) < self.weak_probability
+        angle = (torch.rand(count, generator=generator) * 2 - 1) * self.rotate_radians
+        scale = 1 + (torch.rand(count, 2, generator=generator) * 2 - 1) * self.scale
+        extent = torch.tensor([float(size[0]), float(size[1])])
+        shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * self.translate_fraction * extent
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        matrices = torch.eye(3).repeat(count, 1, 1)
+        matrices[:, 0, 0] = scale[:, 0] * cos
+        matrices[:, 0, 1] = -scale[:, 0] * sin
+        matrices[:, 1, 0] = scale[:, 1] * sin
+        matrices[:, 1, 1] = scale[:, 1] * cos
+        matrices[:, :2, 2] = shift
+        matrices[~applied] = torch.eye(3)
+        return matrices
+
+    def weak(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply one random affine per sample jointly to every tensor of the batch.
+
+        The whole batch is resampled at once with MONAI's ``AffineTransform`` layer
+        (``grid_sample`` on the tensors' device).
+
+        Args:
+            batch: tensors sharing batch size and ``(H, W)``: ``image`` ``(B, 1, H, W)``,
+                optionally ``label`` ``(B, H, W)`` int64 raw class ids (resampled
+                nearest; pixels moved in from outside the slice become 0, which is
+                background for a complete mask and unknown for a partial one, matching
+                the zero intensity padded into the image) and ``prompt``
+                ``(B, 19, H, W)`` probabilities (bilinear).
+
+        Returns:
+            The same keys, same shapes and dtypes, transformed.
+        """
+        image = batch["image"]
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        matrices = self._weak_matrices(int(image.shape[0]), size).to(image.device)
+        outputs = {}
+        for key, value in batch.items():
+            if key in NEAREST_KEYS:
+                moved = self._nearest(value.unsqueeze(1).float(), matrices)[:, 0]
+                outputs[key] = moved.round().to(value.dtype)
+            else:
+                outputs[key] = self._bilinear(value.float(), matrices).to(value.dtype)
+        return outputs
 
     def _strong_transform(self, size: tuple[int, int]) -> Compose:
         if size not in self._strong_cache:
@@ -112,39 +144,6 @@ class SliceAugmenter:
             transform.set_random_state(seed=self._seed + 1 + len(self._strong_cache) * 104729)
             self._strong_cache[size] = transform
         return self._strong_cache[size]
-
-    def weak(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Apply one random affine per sample jointly to every tensor of the batch.
-
-        Args:
-            batch: tensors sharing batch size and ``(H, W)``: ``image`` ``(B, 1, H, W)``,
-                optionally ``label`` ``(B, H, W)`` int64 raw class ids (resampled
-                nearest; pixels moved in from outside the slice become 0, which is
-                background for a complete mask and unknown for a partial one, matching
-                the zero intensity padded into the image) and ``prompt``
-                ``(B, 19, H, W)`` probabilities (bilinear).
-
-        Returns:
-            The same keys, same shapes and dtypes, transformed.
-        """
-        keys = tuple(batch)
-        size = tuple(batch["image"].shape[-2:])
-        transform = self._weak_transform(keys, size)  # type: ignore[arg-type]
-        outputs: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-        for index in range(batch["image"].shape[0]):
-            sample = {}
-            for key in keys:
-                value = batch[key][index]
-                if key in NEAREST_KEYS:
-                    value = value.unsqueeze(0).float()
-                sample[key] = value
-            result = transform(sample)
-            for key in keys:
-                value = torch.as_tensor(result[key]).as_subclass(torch.Tensor)
-                if key in NEAREST_KEYS:
-                    value = value[0].round().to(batch[key].dtype)
-                outputs[key].append(value)
-        return {key: torch.stack(values) for key, values in outputs.items()}
 
     def strong(self, images: torch.Tensor) -> torch.Tensor:
         """Corrupt intensities per sample; geometry untouched.
