@@ -62,6 +62,7 @@ from napari_cps4._layers import (
 
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
 REVIEW_TO_WORKSPACE = {"accepted": "accepted", "needs edit": "corrected", "rejected": "rejected"}
+WORKSPACE_TO_REVIEW = {workspace: review for review, workspace in REVIEW_TO_WORKSPACE.items()}
 
 
 def _reporting(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -289,10 +290,8 @@ class RefinementPanel(QWidget):
         if self.review_widget is not None:
             self.review_widget.review(labels_layer, image_layer)
             for class_id, status in workspace.class_statuses(case_id).items():
-                if status.status == "accepted":
-                    self.review_widget.statuses[class_id] = "accepted"
-                elif status.status == "rejected":
-                    self.review_widget.statuses[class_id] = "rejected"
+                if status.status in WORKSPACE_TO_REVIEW:
+                    self.review_widget.statuses[class_id] = WORKSPACE_TO_REVIEW[status.status]
             self.review_widget.refresh_class_table()
         self.viewer.layers.selection.active = labels_layer
         return labels_layer
