@@ -22,8 +22,13 @@ Smoke run (CPU, a minute)::
     python benchmarks/stage1_ablation.py --preset tiny --max-steps 5 --seeds 0 \\
         --variants both --datasets synthetic --synthetic-cases 4 --train-cases 3 --out /tmp/s1
 
-Writes ``results.json`` (every run, per-case Dice, the summary, the command and machine)
-and ``results.md`` (mean +- sd over seeds).
+``--throughput-steps N`` also times N training steps of a preset (``--throughput-preset``,
+default ``paper``) on random slices, with and without mixed precision, and reports
+slices per second (``--datasets none`` times only that).
+
+Finished runs under ``OUT/runs`` are reused and unfinished ones resumed, so an interrupted
+benchmark continues where it stopped. Writes ``results.json`` (every run, per-case Dice, the summary, throughput, the command
+and machine) and ``results.md`` (mean +- sd over seeds).
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     from cps4_engine.fusion import fuse_class_maps
     from cps4_engine.io import read_volume
     from cps4_engine.metrics import case_metrics
-    from cps4_engine.stage1 import Stage1Config, pretrain
+    from cps4_engine.stage1 import Stage1Config, pretrain, read_history
 
     torch.set_num_threads(spec.threads)
     token, pixel = VARIANTS[spec.variant]
@@ -105,8 +110,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
         train_cases=spec.train_cases,
     )
-    run_dir = Path(spec.out) / "config.json"
-    if not run_dir.is_file():
+    if (Path(spec.out) / "config.json").is_file():
+        planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
+        done = read_history(spec.out)["steps"]
+        if not done or done[-1]["step"] < planned:
+            config.resume = True
+            pretrain(config)
+    else:
         pretrain(config)
     trained = time.perf_counter()
     vlm = load_vlm(spec.out, spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -128,6 +138,75 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "train_seconds": trained - began,
         "evaluate_seconds": time.perf_counter() - trained,
     }
+
+
+def measure_throughput(preset_name: str, device_name: str, steps: int, amp: bool, text_encoder: str | None) -> dict[str, Any]:
+    """Training slices per second of a preset on random slices (after 3 warm-up steps).
+
+    Args:
+        preset_name: the preset to time.
+        device_name: torch device name.
+        steps: timed optimiser steps.
+        amp: mixed precision (bfloat16 where supported, else float16), CUDA only.
+        text_encoder: text encoder spec.
+
+    Returns:
+        ``preset``, ``amp``, ``batch_size``, ``steps``, ``slices_per_second`` and, on CUDA,
+        ``peak_memory_gib``.
+    """
+    import torch
+
+    from cps4_engine.device import resolve_device
+    from cps4_engine.labels import mrspineseg_scheme
+    from cps4_engine.losses import Stage1Loss, one_hot_targets
+    from cps4_engine.models.image_encoder import build_image_encoder
+    from cps4_engine.models.text import load_text_encoder
+    from cps4_engine.models.vlm import VLM
+    from cps4_engine.presets import get_preset
+    from cps4_engine.stage1 import Stage1Config, class_prompts
+
+    device = resolve_device(device_name)
+    preset = get_preset(preset_name)
+    torch.manual_seed(0)
+    text = load_text_encoder(text_encoder, embed_dim=preset.embed_dim, max_length=preset.text_max_length)
+    model = VLM(build_image_encoder(preset), text, class_prompts(mrspineseg_scheme()), preset).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate)
+    use_amp = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+    criterion = Stage1Loss(Stage1Config(data="", out="").loss_weights(), preset.attention_stride)
+    images = torch.rand(preset.batch_size, 1, *preset.slice_size, device=device)
+    labels = torch.randint(0, 20, (preset.batch_size, *preset.slice_size), device=device)
+    targets = one_hot_targets(labels, 20)
+    validity = torch.ones_like(targets, dtype=torch.bool)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            output = model(images)
+        loss = criterion(output, targets, validity)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    result: dict[str, Any] = {"preset": preset_name, "amp": use_amp, "batch_size": preset.batch_size, "steps": steps,
+                              "slices_per_second": steps * preset.batch_size / seconds}
+    if device.type == "cuda":
+        result["amp_dtype"] = str(dtype).replace("torch.", "") if use_amp else "float32"
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, help="evaluate at most this many test volumes per run (smoke runs)")
     parser.add_argument("--realdata", type=Path, default=Path(os.environ.get("CPS4_REALDATA", PROJECT_ROOT.parent / "shared" / "realdata")))
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
+    parser.add_argument("--throughput-steps", type=int, default=0, help="also time N training steps with and without AMP")
+    parser.add_argument("--throughput-preset", default="paper", help="preset whose throughput is timed (default paper)")
     args = parser.parse_args(argv)
 
     from cps4_engine.synthetic import write_synthetic_dataset
@@ -189,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     datasets: list[tuple[str, Path, int]] = []
     for name in args.datasets.split(","):
+        if name == "none":
+            continue
         if name == "synthetic":
             folder = args.synthetic or args.out / "synthetic"
             if not (folder / "MR").is_dir():
@@ -230,12 +313,23 @@ def main(argv: list[str] | None = None) -> int:
             result = run_one(spec)
             results.append(result)
             print(f"{result['dataset']} {result['variant']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
+    throughput = [
+        measure_throughput(args.throughput_preset, args.device, args.throughput_steps, amp, args.text_encoder)
+        for amp in (False, True)
+    ] if args.throughput_steps > 0 else []
+    for entry in throughput:
+        print(f"throughput {entry['preset']} amp={entry['amp']}: {entry['slices_per_second']:.1f} slices/s", flush=True)
     command = "python " + " ".join(shlex.quote(part) for part in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     machine = _machine(args.device)
     rows = summarise(results)
-    payload = {"command": command, "machine": machine, "summary": rows, "runs": results}
+    payload = {"command": command, "machine": machine, "summary": rows, "throughput": throughput, "runs": results}
     (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=lambda value: None) + "\n")
     table = markdown(rows, command, machine)
+    if throughput:
+        table += "\n| preset | mixed precision | batch | training slices/s |\n|---|---|---|---|\n" + "".join(
+            f"| {e['preset']} | {e.get('amp_dtype', 'off') if e['amp'] else 'off'} | {e['batch_size']} | {e['slices_per_second']:.1f} |\n"
+            for e in throughput
+        )
     (args.out / "results.md").write_text(table)
     print(table)
     return 0

@@ -30,9 +30,9 @@ def _config(dataset, out, **changes) -> Stage1Config:
 
 
 def test_tiny_preset_loss_falls_and_run_folder_is_complete(dataset, tmp_path) -> None:
-    events = list(iter_pretrain(_config(dataset, tmp_path / "run", max_steps=60, validation=1, validation_every=30, augment=False)))
+    events = list(iter_pretrain(_config(dataset, tmp_path / "run", max_steps=40, validation=1, validation_every=20, augment=False)))
     kinds = [event.kind for event in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 60 and kinds.count("validation") == 2
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 40 and kinds.count("validation") == 2
     totals = [event.losses["total"] for event in events if event.kind == "step"]
     assert set(events[1].losses) == {"alignment", "token", "pixel", "total"}
     assert np.mean(totals[-10:]) < 0.9 * np.mean(totals[:10])
@@ -44,7 +44,7 @@ def test_tiny_preset_loss_falls_and_run_folder_is_complete(dataset, tmp_path) ->
     assert config["stage"] == 1 and len(config["prompts"]) == 20 and config["prompts"][4].endswith("L3 vertebra")
     assert config["preset"]["name"] == "tiny" and config["text_encoder"]["source"] == "tiny" and "torch" in config["versions"]
     history = json.loads((run / "history.json").read_text())
-    assert [entry["step"] for entry in history["validation"]] == [30, 60]
+    assert [entry["step"] for entry in history["validation"]] == [20, 40]
 
 
 def test_cancel_then_resume_matches_an_uninterrupted_run(dataset, tmp_path) -> None:
