@@ -90,6 +90,8 @@ class BenchSettings:
         validation: validation volumes carved from the training volumes (count/fraction).
         timing_steps: steps of each method in the side-by-side step-time measurement.
         full_supervision: also run the full-supervision ceiling.
+        text_encoder: stage-1 text encoder (None: the pretrained default).
+        time_largest_real: also time prediction on the largest real volume.
         command: the command line that started the benchmark (recorded in the report).
     """
 
@@ -105,6 +107,8 @@ class BenchSettings:
     validation: int | float = 0.1
     timing_steps: int = 30
     full_supervision: bool = True
+    text_encoder: str | None = None
+    time_largest_real: bool = True
     command: str = ""
 
 
@@ -222,7 +226,7 @@ def _vlm_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
     config = Stage1Config(
         data=task.payload["train_dir"], out=out, labeled=task.labeled, preset=settings["preset"],
         max_steps=settings["vlm_steps"], device=settings["device"], seed=task.seed,
-        validation=settings["validation"],
+        validation=settings["validation"], text_encoder=settings["text_encoder"],
     )
     pretrain(config)
     return {"run": str(out), "seconds": time.perf_counter() - began}
@@ -622,7 +626,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     timing = Task("timing", first_dataset.name, seed, count,
                   payload={"train_dir": first_dataset.train_dir, "labeled_count": count, "vlm_run": vlm_run})
     images = [case["image"] for dataset in datasets for case in dataset.test_cases]
-    largest = _largest_real_image(settings)
+    largest = _largest_real_image(settings) if settings.time_largest_real else None
     if largest is not None:
         images.append(largest)
     trained = results.get(Task("train", first_dataset.name, seed, count, "cps4").key, {}).get("run")
@@ -664,7 +668,8 @@ def _largest_real_image(settings: BenchSettings) -> str | None:
 
 def smoke_settings(out: Path, **overrides: Any) -> BenchSettings:
     """A seconds-long configuration for tests: tiny preset, few cases, steps and seeds."""
-    protocol = Protocol("synthetic", train=6, test=2, labeled=(2,), synthetic_cases=8)
-    settings = BenchSettings(out=out, device="cpu", preset="tiny", max_steps=4, vlm_steps=4, seeds=(0,),
-                             protocols=(protocol,), jobs=1, validation=1, timing_steps=4)
+    protocol = Protocol("synthetic", train=4, test=1, labeled=(1,), synthetic_cases=5)
+    settings = BenchSettings(out=out, device="cpu", preset="tiny", max_steps=2, vlm_steps=2, seeds=(0,),
+                             protocols=(protocol,), jobs=1, validation=1, timing_steps=3,
+                             text_encoder="tiny", time_largest_real=False)
     return replace(settings, **overrides)

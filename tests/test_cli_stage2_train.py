@@ -78,3 +78,20 @@ def test_subprocess_prints_no_traceback(dataset: Path, tmp_path: Path) -> None:
 def test_bench_rejects_unknown_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--out", str(tmp_path), "--datasets", "mnist"]) == 2
     assert "mnist" in capsys.readouterr().err
+
+
+def test_bench_smoke_writes_every_table(tmp_path: Path) -> None:
+    from cps4_engine.bench import run_bench, smoke_settings
+
+    report = run_bench(smoke_settings(tmp_path / "bench", command="pytest smoke"), log=lambda line: None)
+    rows = {(row["labeled"], row["method"]): row for row in report["summary"]["table"]}
+    assert set(rows) == {(1, "supervised"), (1, "mean-teacher"), (1, "cps4"), ("full", "supervised")}
+    assert all(row["runs"] == 1 and 0.0 <= row["dice_mean"] <= 1.0 for row in rows.values()), rows
+    sources = {row["source"] for row in report["summary"]["pseudo_labels"] if row["method"] == "cps4"}
+    assert sources == {"teacher", "prompt", "fused"}
+    assert report["results"]["train/synthetic/seed0/labeled1/cps4"]["vlm_labeled_match"] is True
+    assert report["step_time"]["ratio_cps4_over_mean_teacher"] > 0
+    assert len(report["predict"]["volumes"]) == 1
+    markdown = (tmp_path / "bench" / "bench.md").read_text()
+    assert "| synthetic | 1 | cps4 |" in markdown and "ratio CPS4 / mean teacher" in markdown
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["settings"]["command"] == "pytest smoke"
