@@ -17,7 +17,6 @@ import napari
 import numpy as np
 from napari.layers import Image
 from napari.qt.threading import FunctionWorker, create_worker
-from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -32,7 +31,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from cps4_engine.device import available_devices
+from cps4_engine.classmaps import load_vlm, prompt_heatmap, volume_class_maps
+from cps4_engine.device import available_devices, resolve_device
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import Volume
 from cps4_engine.labels import mrspineseg_scheme
@@ -65,9 +65,6 @@ class Inspection:
 
 def inspect_prompt(run_dir: Path, volume: Volume, text: str, class_id: int | None, device: str) -> Inspection:
     """Score ``text`` against ``volume`` with a stage-1 run (runs in a thread worker)."""
-    from cps4_engine.classmaps import load_vlm, prompt_heatmap, volume_class_maps
-    from cps4_engine.device import resolve_device
-
     vlm = load_vlm(run_dir, resolve_device(device))
     heat = prompt_heatmap(vlm, volume, text)
     binary = None
@@ -156,10 +153,9 @@ class InspectorWidget(QWidget):
         volume = Volume(image_layer.data, layer_affine(image_layer), image_layer.metadata.get(SOURCE_KEY))
         worker = create_worker(
             inspect_prompt, Path(run_text), volume, prompt, class_id, self.device_combo.currentText(),
-            _start_thread=False,
+            _start_thread=False, _connect={"errored": self._failed},
         )
         worker.returned.connect(lambda inspection: self.show_inspection(inspection, image_layer))
-        worker.errored.connect(lambda error: show_error(f"CPS4 prompt inspection failed: {error}"))
         worker.finished.connect(self._finished)
         self.worker = worker
         self.show_button.setEnabled(False)
@@ -206,6 +202,10 @@ class InspectorWidget(QWidget):
         class_id = self.class_combo.itemData(index)
         if class_id is not None:
             self.prompt_edit.setText(self.scheme.prompts()[class_id])
+
+    def _failed(self, error: Exception) -> None:
+        # napari's worker already relays the error to the viewer's notifications.
+        self.status_label.setText(f"failed: {error}")
 
     def _finished(self) -> None:
         self.worker = None

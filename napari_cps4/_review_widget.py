@@ -39,7 +39,7 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import FunctionWorker, create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
@@ -208,9 +208,11 @@ class ReviewWidget(QWidget):
         if not run_text:
             raise CPS4Error("choose a stage-2 run folder (train one in the Training widget)")
         volume = Volume(image_layer.data, layer_affine(image_layer), image_layer.metadata.get(SOURCE_KEY))
-        worker = create_worker(predict, Path(run_text), volume, _start_thread=False)
+        worker = create_worker(
+            predict, Path(run_text), volume,
+            _start_thread=False, _connect={"errored": self._inference_failed},
+        )
         worker.returned.connect(lambda prediction: self.show_prediction(prediction, image_layer))
-        worker.errored.connect(lambda error: show_error(f"CPS4 inference failed: {error}"))
         worker.finished.connect(self._inference_finished)
         self.worker = worker
         self.infer_button.setEnabled(False)
@@ -433,6 +435,10 @@ class ReviewWidget(QWidget):
             self.class_layers[self.class_ids[row]].opacity = value / 100
         elif self.labels_layer is not None:
             self.labels_layer.opacity = value / 100
+
+    def _inference_failed(self, error: Exception) -> None:
+        # napari's worker already relays the error to the viewer's notifications.
+        self.status_label.setText(f"inference failed: {error}")
 
     def _inference_finished(self) -> None:
         self.worker = None

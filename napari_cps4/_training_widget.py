@@ -8,20 +8,20 @@ stage-1 run (stage 2), output run folder.
 *Start* runs the trainer's event generator in a napari thread worker: the viewer stays
 responsive, a napari progress bar and the dock's plot follow the loss and validation Dice.
 *Stop* sets the trainer's cancel token; the trainer saves a checkpoint and the viewer stays
-usable. GPU memory is released at the end. Errors appear as viewer notifications. After
+usable. GPU memory is released at the end. Errors appear as viewer notifications (napari's
+workers relay them) and in the status line. After
 stage 2, the chosen preview image is segmented and the prediction appears as a labels layer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import napari
 from napari.layers import Image, Labels
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -37,7 +37,10 @@ from qtpy.QtWidgets import (
 from cps4_engine.device import available_devices
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent
+from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
+from cps4_engine.stage1 import Stage1Config
+from cps4_engine.stage2 import Stage2Config
 from napari_cps4._common import LayerCombo, reports_errors
 from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
 from napari_cps4._plot import CurvePlot
@@ -124,7 +127,7 @@ class TrainingWidget(QWidget):
 
     # public API (used by the buttons and by tests) ----------------------------------------
 
-    def build_config(self) -> Any:
+    def build_config(self) -> Stage1Config | Stage2Config:
         """The trainer configuration for the chosen stage, from the widget's fields.
 
         Raises:
@@ -142,11 +145,7 @@ class TrainingWidget(QWidget):
             "device": self.device_combo.currentText(),
         }
         if self._stage == 1:
-            from cps4_engine.stage1 import Stage1Config
-
             return Stage1Config(text_encoder=self.text_encoder_edit.text().strip() or None, **common)
-        from cps4_engine.stage2 import Stage2Config
-
         method = self.method_combo.currentText()
         vlm_text = self.vlm_edit.text().strip()
         if method == "cps4" and not vlm_text:
@@ -170,11 +169,11 @@ class TrainingWidget(QWidget):
         self.plot.reset(stage_name)
         self._progress = progress(total=config.max_steps, desc=f"CPS4 {stage_name}")
         worker = create_worker(
-            training_events, self._stage, config, self.cancel_token, preview, _start_thread=False
+            training_events, self._stage, config, self.cancel_token, preview,
+            _start_thread=False, _connect={"errored": self._on_error},
         )
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.start_button.setEnabled(False)
@@ -218,8 +217,8 @@ class TrainingWidget(QWidget):
         show_info(f"CPS4 training {'stopped' if stopped else 'finished'}{where}")
 
     def _on_error(self, error: Exception) -> None:
+        # napari's worker already relays the error to the viewer's notifications.
         self.status_label.setText(f"failed: {error}")
-        show_error(f"CPS4 training failed: {error}")
 
     def _on_finished(self) -> None:
         if self._progress is not None:
@@ -237,7 +236,7 @@ class TrainingWidget(QWidget):
             return None
         return Volume(layer.data, layer_affine(layer), layer.metadata.get(SOURCE_KEY))
 
-    def _show_prediction(self, prediction: Any) -> None:
+    def _show_prediction(self, prediction: Prediction) -> None:
         image_layer = self.preview_combo.layer()
         if image_layer is None:
             return

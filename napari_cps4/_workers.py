@@ -2,18 +2,25 @@
 
 Each function here is a plain generator or function over :mod:`cps4_engine`; the widgets
 wrap them with :func:`napari.qt.threading.create_worker`, so the Qt event loop keeps
-running while torch works (torch releases the GIL inside its kernels). Engine modules are
-imported inside the functions so opening a widget stays fast.
+running while torch works (torch releases the GIL inside its kernels). The engine modules
+are imported here, when a widget opens, rather than inside the workers: a first import
+holds the interpreter lock for long stretches and would stall the viewer mid-run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Literal
+from typing import Generator, Literal
 
+import torch
+
+from cps4_engine.device import resolve_device
 from cps4_engine.events import CancelToken, TrainEvent
+from cps4_engine.inference import Prediction, load_segmenter, predict_volume
 from cps4_engine.io import Volume
+from cps4_engine.stage1 import Stage1Config, iter_pretrain
+from cps4_engine.stage2 import Stage2Config, iter_train
 
 Stage = Literal[1, 2]
 
@@ -25,25 +32,25 @@ class TrainingResult:
     Attributes:
         run_dir: the run folder the trainer wrote (the configuration's ``out``).
         last_event: the trainer's final event (``end`` or ``cancelled``), or None.
-        prediction: for stage 2, the prediction of the image chosen for preview
-            (:class:`cps4_engine.inference.Prediction`), else None.
+        prediction: for stage 2, the prediction of the image chosen for preview, else None.
     """
 
     run_dir: Path
     last_event: TrainEvent | None
-    prediction: Any | None
+    prediction: Prediction | None
 
 
 def release_device_memory(device: str) -> None:
     """Return cached GPU memory to the driver after a run (a no-op on CPU)."""
-    import torch
-
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         torch.cuda.empty_cache()
 
 
 def training_events(
-    stage: Stage, config: Any, cancel: CancelToken, preview: Volume | None = None
+    stage: Stage,
+    config: Stage1Config | Stage2Config,
+    cancel: CancelToken,
+    preview: Volume | None = None,
 ) -> Generator[TrainEvent, None, TrainingResult]:
     """Run stage 1 or stage 2 and yield its events; after stage 2, predict ``preview``.
 
@@ -59,10 +66,7 @@ def training_events(
     """
     device = str(getattr(config, "device", "auto"))
     try:
-        if stage == 1:
-            from cps4_engine.stage1 import iter_pretrain as iterate
-        else:
-            from cps4_engine.stage2 import iter_train as iterate
+        iterate = iter_pretrain if stage == 1 else iter_train
         last: TrainEvent | None = None
         for event in iterate(config, cancel):
             last = event
@@ -76,11 +80,8 @@ def training_events(
         release_device_memory(device)
 
 
-def predict(run_dir: Path, volume: Volume, device: str = "auto") -> Any:
-    """Segment ``volume`` with a stage-2 run's model; returns an inference ``Prediction``."""
-    from cps4_engine.device import resolve_device
-    from cps4_engine.inference import load_segmenter, predict_volume
-
+def predict(run_dir: Path, volume: Volume, device: str = "auto") -> Prediction:
+    """Segment ``volume`` with a stage-2 run's model (labels and confidence, no probabilities)."""
     model = load_segmenter(run_dir, resolve_device(device))
     try:
         return predict_volume(model, volume, keep_probabilities=False)

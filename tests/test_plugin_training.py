@@ -1,0 +1,166 @@
+"""Viewer tests that train: stage 1 and stage 2 from the widget, Stop, inspector, responsiveness."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from cps4_engine.errors import CPS4Error
+from cps4_engine.synthetic import write_synthetic_dataset
+from napari_cps4._inspector_widget import InspectorWidget
+from napari_cps4._training_widget import STAGES, TrainingWidget, parse_labeled
+
+pytestmark = pytest.mark.viewer
+
+STAGE1, STAGE2 = list(STAGES)
+RUN_TIMEOUT_MS = 120_000
+
+
+class GapRecorder:
+    """A 10 ms QTimer on the GUI thread; the longest gap between ticks is how long the
+    event loop was blocked."""
+
+    def __init__(self) -> None:
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+        self.last: float | None = None
+        self.longest_s = 0.0
+        self.ticks = 0
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.longest_s = max(self.longest_s, now - self.last)
+        self.last = now
+        self.ticks += 1
+
+    def stop_at_end(self, event) -> None:
+        """Stop measuring when the trainer reports its last event (training is over)."""
+        if event.kind in ("end", "cancelled"):
+            self.stop()
+
+    def start(self) -> None:
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, cases=4, seed=3)
+    return root
+
+
+def _configure(widget: TrainingWidget, data: Path, out: Path, stage: str, steps: int) -> None:
+    widget.stage_combo.setCurrentText(stage)
+    widget.data_edit.setText(str(data))
+    widget.out_edit.setText(str(out))
+    widget.labeled_edit.setText("1")
+    widget.steps_spin.setValue(steps)
+    widget.preset_combo.setCurrentText("tiny")
+    widget.device_combo.setCurrentText("cpu")
+    widget.text_encoder_edit.setText("tiny")
+
+
+def test_labeled_count_or_fraction() -> None:
+    assert parse_labeled("2") == 2
+    assert parse_labeled("0.05") == pytest.approx(0.05)
+    for bad in ("", "abc", "0", "-1", "1.5"):
+        with pytest.raises(CPS4Error):
+            parse_labeled(bad)
+
+
+def test_stage1_then_stage2_from_the_widget_and_inspector(make_napari_viewer, qtbot, tiny_dataset, tmp_path) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cps4", "spine")
+    image = viewer.layers[0]
+    widget = TrainingWidget(viewer)
+
+    _configure(widget, tiny_dataset, tmp_path / "stage1", STAGE1, steps=3)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.result is not None and widget.result.last_event.kind == "end"
+    assert (tmp_path / "stage1" / "model.safetensors").is_file()
+    assert widget.vlm_edit.text() == str(widget.result.run_dir)
+    assert len(widget.plot.losses) == 3
+    qtbot.waitUntil(lambda: not widget.plot.busy, timeout=RUN_TIMEOUT_MS)
+    assert widget.plot.renders >= 1 and widget.plot.pixmap() is not None
+
+    _configure(widget, tiny_dataset, tmp_path / "stage2", STAGE2, steps=6)
+    widget.method_combo.setCurrentText("cps4")
+    widget.preview_combo.select_layer(image)
+    gaps = GapRecorder()
+    gaps.start()
+    widget.start().yielded.connect(gaps.stop_at_end)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    gaps.stop()
+    print(f"\nlongest event-loop gap while stage 2 trained: {gaps.longest_s * 1000:.1f} ms "
+          f"over {gaps.ticks} ticks of a 10 ms timer")
+    assert gaps.ticks > 10
+    assert gaps.longest_s < 0.100
+
+    assert widget.result.last_event.kind == "end"
+    prediction = widget.prediction_layer
+    assert prediction is not None and prediction in viewer.layers
+    assert prediction.data.shape == image.data.shape
+    np.testing.assert_allclose(prediction.scale, image.scale)
+    assert prediction.data.max() <= 19
+
+    inspector = InspectorWidget(viewer)
+    inspector.image_combo.select_layer(image)
+    inspector.run_edit.setText(str(tmp_path / "stage1"))
+    inspector.device_combo.setCurrentText("cpu")
+    inspector.choose_class(4)
+    assert "L3" in inspector.prompt_edit.text()
+    inspector.inspect()
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=RUN_TIMEOUT_MS)
+    heat = inspector.heatmap_layer
+    assert heat is not None and heat in viewer.layers
+    assert heat.data.shape == image.data.shape
+    assert 0.0 <= float(heat.data.min()) and float(heat.data.max()) <= 1.0
+    assert "binary map: L3" in viewer.layers
+    shares = [float(inspector.token_table.item(r, 1).text()) for r in range(inspector.token_table.rowCount())]
+    assert shares and sum(shares) == pytest.approx(1.0, abs=0.01)
+
+
+def test_stop_saves_a_checkpoint_and_frees_the_widget(make_napari_viewer, qtbot, tiny_dataset, tmp_path) -> None:
+    viewer = make_napari_viewer()
+    widget = TrainingWidget(viewer)
+    _configure(widget, tiny_dataset, tmp_path / "stopped", STAGE2, steps=100_000)
+    widget.method_combo.setCurrentText("supervised")
+    worker = widget.start()
+    worker.yielded.connect(lambda event: widget.stop() if event.kind == "step" else None)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.result.last_event.kind == "cancelled"
+    assert widget.result.last_event.step < 100_000
+    assert (tmp_path / "stopped" / "last.safetensors").is_file()
+    assert widget.start_button.isEnabled() and not widget.stop_button.isEnabled()
+
+
+def test_training_errors_become_a_status_not_a_crash(make_napari_viewer, qtbot, tmp_path) -> None:
+    viewer = make_napari_viewer()
+    widget = TrainingWidget(viewer)
+    _configure(widget, tmp_path / "missing", tmp_path / "run", STAGE2, steps=2)
+    widget.method_combo.setCurrentText("supervised")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert widget.status_label.text().startswith("failed:")
+    assert "missing" in widget.status_label.text()
+    assert widget.start_button.isEnabled()
+
+
+def test_cps4_without_stage1_run_is_refused_before_starting(make_napari_viewer, tiny_dataset, tmp_path) -> None:
+    widget = TrainingWidget(make_napari_viewer())
+    _configure(widget, tiny_dataset, tmp_path / "run", STAGE2, steps=2)
+    widget.method_combo.setCurrentText("cps4")
+    widget.vlm_edit.setText("")
+    with pytest.raises(CPS4Error, match="stage-1 run"):
+        widget.start()
+    assert widget.worker is None
