@@ -89,3 +89,9 @@ def test_bad_runs_and_datasets_are_one_line_errors(dataset, tmp_path) -> None:
     with pytest.raises(CPS4Error, match="--labeled 0"):
         pretrain(_config(dataset, tmp_path / "never", labeled=0))
     assert not (tmp_path / "never").exists()
+
+
+def test_pretrains_on_real_cases_of_the_index_layout(realdata, tmp_path) -> None:
+    events = list(iter_pretrain(_config(realdata / "vb3_l1l5_t1", tmp_path / "run", labeled=1, max_steps=2, train_cases=2, validation=1)))
+    assert events[-1].kind == "end" and "1 labeled volumes (77 slices), 1 validation" in events[0].message
+    assert np.isfinite(events[-1].metrics["dice"])
