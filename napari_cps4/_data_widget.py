@@ -1,21 +1,26 @@
 """Data widget: open a dataset, see each case's status, label a volume from scratch.
 
 Top half — **dataset**: any layout :func:`cps4_engine.data.open_dataset` reads
-(MRSpineSeg, nnU-Net/Decathlon, index JSON, plain folder). The table lists every case
-with its status (``labeled``, ``partial``, ``unlabeled``); double-click a row or press
-*Load case* to open its image and mask as layers.
+(MRSpineSeg, nnU-Net/Decathlon, index JSON, plain folder), or an active-refinement
+workspace (a folder with ``workspace.json``). The table lists every case with its status
+— ``labeled``, ``partial``, ``unlabeled`` for a dataset; ``unlabeled``,
+``pseudo-labeled``, ``in review``, ``reviewed``, ``held out`` for a workspace — and its
+human-painted classes; double-click a row or press *Load case* to open its image and mask
+as layers, sliced sagittally.
 
 Bottom half — **labeling**: pick an image layer, *New labels layer* makes an empty
 labels layer over it with the scheme's colours; choose the class to paint by name in the
 class list (it sets napari's brush label), paint with napari's tools, tick *Mask
 complete* when every unpainted voxel really is background, and *Add to labeled set*
-saves the mask in the image's geometry (atomically; an existing mask is kept as
-``previous_versions/<name>.prev-<n>.nii.gz``) with the partial-mask sidecar listing the painted classes.
+saves the mask in the image's geometry, atomically, with the partial-mask sidecar
+listing the painted classes; an existing mask is kept as
+``previous_versions/<name>.prev-<n>.nii.gz``.
 
-Where the mask goes: an image that belongs to the open dataset gets its mask where that
-layout keeps masks (MRSpineSeg ``Mask/mask_case<N>``, nnU-Net ``labelsTr/<case>``,
-plain folder ``<image>_seg``); any other image (the sample data, a file opened from
-elsewhere, a case of a read-only index-JSON dataset) is added as a new case ``MR/Case<N>`` + ``Mask/mask_case<N>`` to the
+Where the mask goes: a case of an open workspace gets a new human label version; an image
+that belongs to the open dataset gets its mask where that layout keeps masks (MRSpineSeg
+``Mask/mask_case<N>``, nnU-Net ``labelsTr/<case>``, plain folder ``<image>_seg``); any
+other image (the sample data, a file opened from elsewhere, a case of a read-only
+index-JSON dataset) is added as a new case ``MR/Case<N>`` + ``Mask/mask_case<N>`` to the
 labeled-set folder, in the MRSpineSeg layout.
 """
 
@@ -46,11 +51,20 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from cps4_engine.active.workspace import MANIFEST as WORKSPACE_MANIFEST
+from cps4_engine.active.workspace import Workspace
 from cps4_engine.data import Case, Dataset, open_dataset
 from cps4_engine.errors import CPS4Error
-from cps4_engine.io import write_volume
+from cps4_engine.io import read_volume, write_volume
 from napari_cps4._common import LayerCombo, color_icon, reports_errors, show_sagittal
-from napari_cps4._layers import IMAGE_KEY, SOURCE_KEY, layer_affine, new_labels_for, scheme_of
+from napari_cps4._layers import (
+    IMAGE_KEY,
+    SOURCE_KEY,
+    labels_layer_data,
+    layer_affine,
+    new_labels_for,
+    scheme_of,
+)
 from napari_cps4._reader import read_layer
 from napari_cps4._storage import mask_path_for_image, new_case_paths, save_mask
 
@@ -64,6 +78,8 @@ class DataWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.dataset: Dataset | None = None
+        self.workspace: Workspace | None = None
+        self.cases: list[Case] = []
         self._painted_layer: Labels | None = None
 
         self.dataset_edit = QLineEdit()
@@ -128,44 +144,68 @@ class DataWidget(QWidget):
 
     # dataset -----------------------------------------------------------------------------
 
-    def open_dataset(self, path: str | Path) -> Dataset:
-        """Open a dataset folder (any supported layout) and list its cases.
+    def open_dataset(self, path: str | Path) -> list[Case]:
+        """Open a dataset folder (any supported layout) or a workspace and list its cases.
+
+        A folder with a ``workspace.json`` is opened as an active-refinement workspace: the
+        table then shows each case's review state (``unlabeled``, ``pseudo-labeled``,
+        ``in review``, ``reviewed``, ``held out``) and its latest label version.
 
         Raises:
             CPS4Error: the folder is missing, empty or of no known layout.
         """
-        self.dataset = open_dataset(Path(path))
+        path = Path(path)
+        if (path / WORKSPACE_MANIFEST).is_file():
+            self.workspace = Workspace.open(path)
+            self.dataset = None
+        else:
+            self.dataset = open_dataset(path)
+            self.workspace = None
+            if not self.labeled_set_edit.text():
+                self.labeled_set_edit.setText(str(self.dataset.root))
         self.dataset_edit.setText(str(path))
-        if not self.labeled_set_edit.text():
-            self.labeled_set_edit.setText(str(self.dataset.root))
         self.refresh_cases()
-        return self.dataset
+        return self.cases
 
     def refresh_cases(self) -> None:
-        """Fill the case table from the open dataset."""
-        cases = self.dataset.cases if self.dataset is not None else []
-        self.case_table.setRowCount(len(cases))
-        names = scheme_of(None).names()
-        for row, case in enumerate(cases):
+        """Re-read the cases and their status into the table."""
+        if self.workspace is not None:
+            workspace = self.workspace
+            self.cases = [
+                Case(case_id, workspace.image_path(case_id), workspace.version_path(case_id),
+                     tuple(workspace.human_classes(case_id)) or None)
+                for case_id in workspace.case_ids()
+            ]
+            statuses = [workspace.state(case.case_id) for case in self.cases]
+        else:
+            self.cases = list(self.dataset.cases) if self.dataset is not None else []
+            statuses = [case_status(case) for case in self.cases]
+        self.case_table.setRowCount(len(self.cases))
+        names = scheme_of(None).short_names()
+        for row, (case, status) in enumerate(zip(self.cases, statuses)):
             painted = ", ".join(names.get(i, str(i)) for i in case.painted) if case.painted else ""
-            values = (case.case_id, case_status(case), painted, Path(case.image_path).name)
+            values = (case.case_id, status, painted, Path(case.image_path).name)
             for column, value in enumerate(values):
                 self.case_table.setItem(row, column, QTableWidgetItem(value))
 
-    def load_case(self, case: Case) -> list[Any]:
+    def load_case(self, case: Case) -> list[Layer]:
         """Add a case's image (and mask, when it has one) as layers; returns the new layers.
 
         The slider is put on the sagittal axis so the annotator pages through sagittal
         slices.
         """
-        layers = [self.viewer.add_layer(_as_layer(read_layer(Path(case.image_path))))]
+        image = self.viewer.add_layer(Layer.create(*read_layer(Path(case.image_path))))
+        layers = [image]
         if case.label_path is not None:
-            data, attributes, _ = read_layer(Path(case.label_path))
+            mask = read_volume(case.label_path, kind="label")
+            data, attributes, _ = labels_layer_data(
+                mask.array, mask.affine, case.label_path, f"{case.case_id} labels", scheme_of(None)
+            )
             attributes["metadata"][IMAGE_KEY] = str(case.image_path)
-            attributes["scale"] = tuple(layers[0].scale)
+            attributes["scale"] = tuple(image.scale)
             layers.append(self.viewer.add_labels(data, **attributes))
-        show_sagittal(self.viewer, layers[0])
-        self.image_combo.select_layer(layers[0])
+        show_sagittal(self.viewer, image)
+        self.image_combo.select_layer(image)
         if len(layers) > 1:
             self.labels_combo.select_layer(layers[1])
         return layers
@@ -210,13 +250,19 @@ class DataWidget(QWidget):
         image_path = labels_layer.metadata.get(IMAGE_KEY)
         if image_path is None and image_layer is not None:
             image_path = image_layer.metadata.get(SOURCE_KEY)
+        complete = self.complete_check.isChecked()
+        workspace_case = self._case_of(image_path) if self.workspace is not None else None
+        if workspace_case is not None:
+            version = self.workspace.save_human_labels(workspace_case.case_id, array, complete=complete)
+            self.status_label.setText(f"Saved {workspace_case.case_id} as label version {version}")
+            self.refresh_cases()
+            return self.workspace.version_path(workspace_case.case_id)
         mask_path = self._mask_path_in_dataset(image_path)
         if mask_path is None:
             if image_layer is None:
                 raise CPS4Error("choose the image these labels belong to", path=f"layer {labels_layer.name!r}")
             image_path, mask_path = self._new_case_paths()
             write_volume(image_path, np.asarray(image_layer.data), layer_affine(image_layer))
-        complete = self.complete_check.isChecked()
         save_mask(mask_path, array, affine, None if complete else painted)
         labels_layer.metadata[SOURCE_KEY] = str(mask_path)
         labels_layer.metadata[IMAGE_KEY] = str(image_path)
@@ -230,18 +276,21 @@ class DataWidget(QWidget):
 
     # internals ---------------------------------------------------------------------------
 
-    def _mask_path_in_dataset(self, image_path: str | None) -> Path | None:
-        if self.dataset is None or image_path is None:
+    def _case_of(self, image_path: str | None) -> Case | None:
+        if image_path is None:
             return None
-        for case in self.dataset.cases:
-            if Path(case.image_path).resolve() != Path(image_path).resolve():
-                continue
-            if case.label_path is not None:
-                return Path(case.label_path)
-            if self.dataset.layout == "index":
-                return None
-            return mask_path_for_image(case.image_path)
-        return None
+        resolved = Path(image_path).resolve()
+        return next((case for case in self.cases if Path(case.image_path).resolve() == resolved), None)
+
+    def _mask_path_in_dataset(self, image_path: str | None) -> Path | None:
+        case = self._case_of(image_path) if self.dataset is not None else None
+        if case is None:
+            return None
+        if case.label_path is not None:
+            return Path(case.label_path)
+        if self.dataset.layout == "index":
+            return None
+        return mask_path_for_image(case.image_path)
 
     def _new_case_paths(self) -> tuple[Path, Path]:
         text = self.labeled_set_edit.text().strip()
@@ -300,9 +349,9 @@ class DataWidget(QWidget):
 
     @reports_errors
     def _load_row(self, row: int) -> None:
-        if self.dataset is None or not 0 <= row < len(self.dataset.cases):
+        if not 0 <= row < len(self.cases):
             raise CPS4Error("choose a case in the table first")
-        self.load_case(self.dataset.cases[row])
+        self.load_case(self.cases[row])
 
     @reports_errors
     def _new_labels_clicked(self, checked: bool = False) -> None:
@@ -318,7 +367,3 @@ def case_status(case: Case) -> str:
     if not case.is_labeled:
         return "unlabeled"
     return "partial" if case.is_partial else "labeled"
-
-
-def _as_layer(layer_data: tuple[np.ndarray, dict[str, Any], str]) -> Layer:
-    return Layer.create(*layer_data)

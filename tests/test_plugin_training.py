@@ -12,6 +12,7 @@ from qtpy.QtCore import QTimer
 from cps4_engine.errors import CPS4Error
 from cps4_engine.synthetic import write_synthetic_dataset
 from napari_cps4._inspector_widget import InspectorWidget
+from napari_cps4._review_widget import ReviewWidget
 from napari_cps4._training_widget import STAGES, TrainingWidget, parse_labeled
 
 pytestmark = pytest.mark.viewer
@@ -112,6 +113,16 @@ def test_stage1_then_stage2_from_the_widget_and_inspector(make_napari_viewer, qt
     assert prediction.data.shape == image.data.shape
     np.testing.assert_allclose(prediction.scale, image.scale)
     assert prediction.data.max() <= 19
+
+    review = ReviewWidget(viewer)
+    review.image_combo.select_layer(image)
+    review.run_edit.setText(str(tmp_path / "stage2"))
+    review.run_inference()
+    qtbot.waitUntil(lambda: review.worker is None, timeout=RUN_TIMEOUT_MS)
+    assert review.labels_layer is not None and review.labels_layer.name == "synthetic spine pseudo-label"
+    np.testing.assert_array_equal(review.labels_layer.data, prediction.data)
+    confidences = [review.class_table.item(r, 4).text() for r in range(review.class_table.rowCount())]
+    assert all(0.0 <= float(c) <= 1.0 for c in confidences)
 
     inspector = InspectorWidget(viewer)
     inspector.image_combo.select_layer(image)

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cps4_engine.active.workspace import Workspace
 from cps4_engine.data import open_dataset
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
+from cps4_engine.labels import mrspineseg_scheme
 from cps4_engine.synthetic import sample_volume
 from napari_cps4._data_widget import DataWidget
 from napari_cps4._inspector_widget import InspectorWidget
@@ -168,3 +170,28 @@ def test_saving_with_nothing_reviewed_is_refused(viewer_with_sample, tmp_path: P
     with pytest.raises(CPS4Error, match="no class is accepted"):
         widget.save(tmp_path / "x.nii.gz")
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_workspace_cases_show_review_state_and_take_new_label_versions(make_napari_viewer, tmp_path: Path) -> None:
+    image, label, affine = sample_volume(seed=2)
+    write_volume(tmp_path / "data" / "MR" / "Case1.nii.gz", image, affine)
+    write_volume(tmp_path / "data" / "Mask" / "mask_case1.nii.gz", label, affine)
+    write_volume(tmp_path / "data" / "MR" / "Case2.nii.gz", image, affine)
+    cases = open_dataset(tmp_path / "data").cases
+    Workspace.create(tmp_path / "ws", cases, mrspineseg_scheme())
+
+    viewer = make_napari_viewer()
+    widget = DataWidget(viewer)
+    widget.open_dataset(tmp_path / "ws")
+    assert [widget.case_table.item(r, 1).text() for r in range(2)] == ["reviewed", "unlabeled"]
+
+    image_layer, = widget.load_case(widget.cases[1])
+    labels = widget.create_labels_layer(image_layer)
+    labels.data[label == 5] = 5
+    widget.complete_check.setChecked(False)
+    version_path = widget.add_to_labeled_set(labels, image_layer)
+    workspace = Workspace.open(tmp_path / "ws")
+    np.testing.assert_array_equal(read_volume(version_path, kind="label").array, np.where(label == 5, 5, 0))
+    assert not workspace.is_complete("Case2")
+    assert workspace.human_classes("Case2") == [5]
+    assert widget.case_table.item(1, 2).text() == "L2"
