@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +29,10 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from cps4_engine import __version__
 from cps4_engine.errors import CPS4Error
+from cps4_engine.io import write_bytes_atomic
 
 CONFIG_NAME = "config.json"
 _STATE_KEY = "cps4_training_state"
-
-
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,7 +62,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     """
     path = Path(path)
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state_dict.items()}
-    _write_bytes_atomically(path, save_safetensors_bytes(tensors, metadata=metadata))
+    write_bytes_atomic(path, save_safetensors_bytes(tensors, metadata=metadata))
     return path
 
 
@@ -106,7 +90,7 @@ def library_versions() -> dict[str, str]:
 def write_json_atomically(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON to ``path``, atomically."""
     path = Path(path)
-    _write_bytes_atomically(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     return path
 
 
@@ -263,7 +247,7 @@ def save_training_state(
     }
     payload = save_safetensors_bytes(tensors, metadata={_STATE_KEY: json.dumps(state)})
     path = Path(path)
-    _write_bytes_atomically(path, payload)
+    write_bytes_atomic(path, payload)
     return path
 
 
