@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -502,7 +503,10 @@ class Stage2Trainer:
         self.learning_rate = float(config.learning_rate or self.preset.stage2_learning_rate)
         self.validation_every = int(config.validation_every or max(1, self.max_steps // 10))
         self.out = Path(config.out)
-        if (self.out / "config.json").exists() and not config.resume:
+        # Under torchrun rank 0 may already have started this very run when another rank
+        # gets here, so only rank 0 guards the folder against overwriting.
+        first_rank = int(os.environ.get("RANK", "0")) == 0
+        if first_rank and (self.out / "config.json").exists() and not config.resume:
             raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
         if config.resume and not (self.out / STATE_FILE).is_file():
             raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
