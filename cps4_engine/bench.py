@@ -654,12 +654,12 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
 
 
 def _largest_real_image(settings: BenchSettings) -> str | None:
-    """The largest volume of the real set with the biggest scans, if the data is here."""
+    """The largest volume present of the real set with the biggest scans, if any is here."""
     root = find_realdata(settings.realdata)
     if root is None:
         return None
     index = json.loads((root / "index.json").read_text())
-    cases = index.get(LARGEST_REAL_SET, {}).get("cases", [])
+    cases = [case for case in index.get(LARGEST_REAL_SET, {}).get("cases", []) if (root / case["image"]).is_file()]
     if not cases:
         return None
     biggest = max(cases, key=lambda case: int(np.prod(case["shape"])))
