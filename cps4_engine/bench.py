@@ -91,6 +91,7 @@ class BenchSettings:
         timing_steps: steps of each method in the side-by-side step-time measurement.
         full_supervision: also run the full-supervision ceiling.
         text_encoder: stage-1 text encoder (None: the pretrained default).
+        prompt_weight: weight of the prompt maps in CPS4's fused pseudo-labels.
         time_largest_real: also time prediction on the largest real volume.
         command: the command line that started the benchmark (recorded in the report).
     """
@@ -108,6 +109,7 @@ class BenchSettings:
     timing_steps: int = 30
     full_supervision: bool = True
     text_encoder: str | None = None
+    prompt_weight: float = 0.5
     time_largest_real: bool = True
     command: str = ""
 
@@ -252,19 +254,19 @@ def _score_test_volumes(run: Path, test_cases: list[dict[str, str]], device: str
     }
 
 
-def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str, threshold: float = 0.5) -> dict[str, float]:
+def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[str, float]:
     """Dice of pseudo-labels against the hidden truth of a run's unlabeled volumes.
 
     The run's final teacher (``teacher.safetensors``) labels every unlabeled training
     volume of its ``split.json``; with a stage-1 run, the prompt maps and the fused
-    pseudo-label (:func:`cps4_engine.fusion.combine_with_teacher`) are scored too. The
+    pseudo-label (:func:`cps4_engine.fusion.combine_with_teacher`, with the run's prompt
+    threshold and weight) are scored too. The
     labels are restored to each volume's grid and scored like predictions.
 
     Args:
         run: a stage-2 run folder.
         vlm_run: the stage-1 run it trained with, or None.
         device: where to run the networks.
-        threshold: the prompt maps' claim threshold.
 
     Returns:
         Mean Dice over volumes by source: ``teacher`` and, with ``vlm_run``, ``prompt`` and
@@ -293,6 +295,8 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str, threshold
 
         vlm = classmaps.load_vlm(vlm_run, torch_device)
     size = tuple(config["segmenter"]["slice_size"])
+    threshold = float(config["settings"]["prompt_threshold"])
+    prompt_weight = float(config["settings"]["prompt_weight"])
     split = Split.load(run / "split.json")
     scores: dict[str, list[float]] = {"teacher": []}
     if vlm is not None:
@@ -309,7 +313,8 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str, threshold
         for source in scores:
             combined = combine_with_teacher(
                 teacher_probs, prompt_probs if prompt_probs is not None else teacher_probs[:, 1:],
-                mode=source, threshold=threshold, class_dim=1,  # type: ignore[arg-type]
+                mode=source, threshold=threshold, prompt_weight=prompt_weight,  # type: ignore[arg-type]
+                class_dim=1,
             )
             labels = restore_labels(stack, combined.labels)
             scores[source].append(case_metrics(labels, truth.array, truth.spacing).mean_dice)
@@ -328,6 +333,7 @@ def _train_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
         data=task.payload["train_dir"], out=out, labeled=task.payload["labeled_count"],
         method=task.method, vlm=vlm_run, preset=settings["preset"], max_steps=settings["max_steps"],
         device=settings["device"], seed=task.seed, validation=settings["validation"],
+        prompt_weight=settings["prompt_weight"],
     ))
     seconds = time.perf_counter() - began
     result = {"run": str(out), "train_seconds": seconds}

@@ -495,6 +495,14 @@ class Stage2Trainer:
             raise CPS4Error("--method cps4 needs --vlm RUN, a stage-1 run folder (cps4 pretrain)")
         if config.vlm is not None:
             read_run_config(config.vlm, stage=1, scheme=SCHEME_NAME)
+        for option, value, low, high in (
+            ("--prompt-weight", config.prompt_weight, 0.0, 1.0),
+            ("--prompt-threshold", config.prompt_threshold, 0.0, 1.0),
+            ("--confidence-threshold", config.confidence_threshold, 0.0, 1.0),
+            ("--ema-decay", config.ema_decay, 0.0, 1.0),
+        ):
+            if not low <= value <= high:
+                raise CPS4Error(f"{option} {value} must be between {low:g} and {high:g}")
         self.preset: Preset = get_preset(config.preset)
         self.max_steps = int(config.max_steps or self.preset.stage2_max_steps)
         if self.max_steps < 1:

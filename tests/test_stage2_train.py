@@ -238,6 +238,8 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_run(dataset: Path, tm
         ({"method": "clever"}, "unknown"),
         ({"labeled": 1.5}, "neither a count"),
         ({"resume": True}, "nothing to resume"),
+        ({"prompt_weight": 1.5}, "--prompt-weight 1.5 must be between 0 and 1"),
+        ({"ema_decay": -0.1}, "--ema-decay"),
     ],
 )
 def test_bad_input_is_a_one_line_error(dataset: Path, tmp_path: Path, overrides: dict, message: str) -> None:

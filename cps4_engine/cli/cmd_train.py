@@ -57,6 +57,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--confidence-threshold", type=float, default=0.8,
                         help="ignore pseudo-labeled pixels less confident than this (default 0.8)")
+    parser.add_argument("--prompt-weight", type=float, default=0.5,
+                        help="weight of the class-prompt maps in fused pseudo-labels, 0-1 (default 0.5)")
+    parser.add_argument("--prompt-threshold", type=float, default=0.5,
+                        help="a class-prompt map claims a pixel above this probability (default 0.5)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
     parser.add_argument("--unsupervised-weight", type=float, default=1.0,
                         help="weight of the unlabeled loss after ramp-up (default 1)")
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     config = Stage2Config(
         data=args.data, out=args.out, labeled=args.labeled, method=args.method, vlm=args.vlm,
         pseudo_label=args.pseudo_label, confidence_threshold=args.confidence_threshold,
+        prompt_weight=args.prompt_weight, prompt_threshold=args.prompt_threshold,
         ema_decay=args.ema_decay, unsupervised_weight=args.unsupervised_weight,
         preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size,
         validation=args.validation, train_cases=args.train_cases, device=args.device,
