@@ -6,7 +6,9 @@ workspace (a folder with ``workspace.json``). The table lists every case with it
 — ``labeled``, ``partial``, ``unlabeled`` for a dataset; ``unlabeled``,
 ``pseudo-labeled``, ``in review``, ``reviewed``, ``held out`` for a workspace — and its
 human-painted classes; double-click a row or press *Load case* to open its image and mask
-as layers, sliced sagittally.
+as layers. The view turns sagittal (slider along the sagittal axis found from the affine,
+superior up) when a case is loaded or the first image with a known geometry is opened
+while the widget is docked; *Sagittal view* does it on demand.
 
 Bottom half — **labeling**: pick an image layer, *New labels layer* makes an empty
 labels layer over it with the scheme's colours; choose the class to paint by name in the
@@ -58,6 +60,7 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
 from napari_cps4._common import LayerCombo, color_icon, reports_errors, show_sagittal
 from napari_cps4._layers import (
+    AFFINE_KEY,
     IMAGE_KEY,
     SOURCE_KEY,
     labels_layer_data,
@@ -102,12 +105,18 @@ class DataWidget(QWidget):
         self.case_table.cellDoubleClicked.connect(lambda row, _column: self._load_row(row))
         self.load_button = QPushButton("Load case")
         self.load_button.clicked.connect(lambda: self._load_row(self.case_table.currentRow()))
+        self.sagittal_button = QPushButton("Sagittal view")
+        self.sagittal_button.setToolTip("page through sagittal slices of the chosen image, superior up")
+        self.sagittal_button.clicked.connect(self._sagittal_clicked)
+        case_buttons = QHBoxLayout()
+        case_buttons.addWidget(self.load_button)
+        case_buttons.addWidget(self.sagittal_button)
 
         dataset_box = QGroupBox("Dataset")
         dataset_layout = QVBoxLayout(dataset_box)
         dataset_layout.addLayout(path_row)
         dataset_layout.addWidget(self.case_table)
-        dataset_layout.addWidget(self.load_button)
+        dataset_layout.addLayout(case_buttons)
 
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.new_labels_button = QPushButton("New labels layer")
@@ -141,6 +150,7 @@ class DataWidget(QWidget):
         layout.addWidget(labeling_box)
         layout.addStretch(1)
         self._labels_layer_changed(self.labels_combo.currentText())
+        napari_viewer.layers.events.inserted.connect(self._layer_inserted, position="last")
 
     # dataset -----------------------------------------------------------------------------
 
@@ -320,6 +330,20 @@ class DataWidget(QWidget):
             self._painted_layer = layer
             layer.events.selected_label.connect(self._sync_class_from_layer)
             self._sync_class_from_layer()
+
+    def _layer_inserted(self, event: Any) -> None:
+        """Turn to the sagittal view when the first image with a known geometry arrives."""
+        layer = event.value
+        if not isinstance(layer, Image) or AFFINE_KEY not in layer.metadata:
+            return
+        with_geometry = [other for other in self.viewer.layers if isinstance(other, Image) and AFFINE_KEY in other.metadata]
+        if with_geometry == [layer]:
+            show_sagittal(self.viewer, layer)
+
+    def _sagittal_clicked(self, checked: bool = False) -> None:
+        layer = self.image_combo.layer()
+        if layer is not None:
+            show_sagittal(self.viewer, layer)
 
     def _class_chosen(self, index: int) -> None:
         layer = self.labels_combo.layer()

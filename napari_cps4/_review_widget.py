@@ -4,7 +4,8 @@
 shows the pseudo-label as one labels layer; *Review layer* takes any labels layer
 instead. The class table lists each class present: colour, name, prompt, voxel count,
 mean confidence (from the prediction's probabilities; blank for a layer without one) and
-review status (``pending``, ``accepted``, ``needs edit``, ``rejected``).
+review status (``pending``, ``accepted``, ``needs edit``, ``rejected``), and the class
+prompt.
 
 *Class layers* adds, on demand, one labels layer per class (views for inspection;
 corrections go into the combined layer with napari's own paint, erase and fill tools):
@@ -69,7 +70,8 @@ from napari_cps4._workers import predict
 
 STATUSES = ("pending", "accepted", "needs edit", "rejected")
 KEPT_STATUSES = ("accepted", "needs edit")
-COLUMNS = ("Show", "Class", "Prompt", "Voxels", "Mean confidence", "Status")
+COLUMNS = ("Show", "Class", "Status", "Voxels", "Mean confidence", "Prompt")
+STATUS_COLUMN, CONFIDENCE_COLUMN = COLUMNS.index("Status"), COLUMNS.index("Mean confidence")
 SHORTCUTS = {
     "accept": "Alt+Shift+A",
     "needs edit": "Alt+Shift+E",
@@ -273,12 +275,13 @@ class ReviewWidget(QWidget):
             visible = class_layer.visible if class_layer is not None else True
             show_item.setCheckState(Qt.CheckState.Checked if visible else Qt.CheckState.Unchecked)
             name_item = QTableWidgetItem(color_icon(colors.get(class_id, colors[None])), names.get(class_id, str(class_id)))
+            name_item.setToolTip(prompts.get(class_id, ""))
             mean = confidence.get(class_id)
             values = (
-                prompts.get(class_id, ""),
+                self.statuses[class_id],
                 str(present.get(class_id, 0)),
                 f"{mean:.3f}" if mean is not None else "",
-                self.statuses[class_id],
+                prompts.get(class_id, ""),
             )
             self.class_table.setItem(row, 0, show_item)
             self.class_table.setItem(row, 1, name_item)

@@ -12,7 +12,7 @@ from qtpy.QtCore import QTimer
 from cps4_engine.errors import CPS4Error
 from cps4_engine.synthetic import write_synthetic_dataset
 from napari_cps4._inspector_widget import InspectorWidget
-from napari_cps4._review_widget import ReviewWidget
+from napari_cps4._review_widget import CONFIDENCE_COLUMN, ReviewWidget
 from napari_cps4._training_widget import STAGES, TrainingWidget, parse_labeled
 
 pytestmark = pytest.mark.viewer
@@ -121,7 +121,7 @@ def test_stage1_then_stage2_from_the_widget_and_inspector(make_napari_viewer, qt
     qtbot.waitUntil(lambda: review.worker is None, timeout=RUN_TIMEOUT_MS)
     assert review.labels_layer is not None and review.labels_layer.name == "synthetic spine pseudo-label"
     np.testing.assert_array_equal(review.labels_layer.data, prediction.data)
-    confidences = [review.class_table.item(r, 4).text() for r in range(review.class_table.rowCount())]
+    confidences = [review.class_table.item(r, CONFIDENCE_COLUMN).text() for r in range(review.class_table.rowCount())]
     assert all(0.0 <= float(c) <= 1.0 for c in confidences)
 
     inspector = InspectorWidget(viewer)

@@ -10,13 +10,13 @@ import pytest
 from cps4_engine.active.workspace import Workspace
 from cps4_engine.data import open_dataset
 from cps4_engine.errors import CPS4Error
-from cps4_engine.io import read_volume, write_volume
+from cps4_engine.io import read_volume, sagittal_layout, write_volume
 from cps4_engine.labels import mrspineseg_scheme
 from cps4_engine.synthetic import sample_volume
 from napari_cps4._data_widget import DataWidget
 from napari_cps4._inspector_widget import InspectorWidget
 from napari_cps4._layers import AFFINE_KEY
-from napari_cps4._review_widget import ReviewWidget
+from napari_cps4._review_widget import STATUS_COLUMN, ReviewWidget
 from napari_cps4._training_widget import TrainingWidget
 
 pytestmark = pytest.mark.viewer
@@ -122,13 +122,13 @@ def test_review_accept_reject_and_save_keeps_previous_version(viewer_with_sample
     widget.review(labels, image)
     present = sorted(int(v) for v in np.unique(labels.data) if v != 0)
     assert widget.class_ids == present
-    assert [widget.class_table.item(r, 5).text() for r in range(len(present))] == ["pending"] * len(present)
+    assert [widget.class_table.item(r, STATUS_COLUMN).text() for r in range(len(present))] == ["pending"] * len(present)
 
     accepted, rejected = present[0], present[1]
     widget.class_table.selectRow(0)
     widget.shortcuts["accept"].activated.emit()
     widget.set_status(rejected, "rejected")
-    assert widget.class_table.item(0, 5).text() == "accepted"
+    assert widget.class_table.item(0, STATUS_COLUMN).text() == "accepted"
 
     widget.jump_to_class(accepted)
     axis = viewer.dims.not_displayed[0]
@@ -195,3 +195,18 @@ def test_workspace_cases_show_review_state_and_take_new_label_versions(make_napa
     assert not workspace.is_complete("Case2")
     assert workspace.human_classes("Case2") == [5]
     assert widget.case_table.item(1, 2).text() == "L2"
+
+
+def test_first_image_opened_turns_the_view_sagittal(make_napari_viewer) -> None:
+    viewer = make_napari_viewer()
+    widget = DataWidget(viewer)
+    viewer.open_sample("napari-cps4", "spine")
+    image = viewer.layers[0]
+    sagittal_axis = sagittal_layout(image.metadata[AFFINE_KEY]).axes[0]
+    assert viewer.dims.not_displayed == (sagittal_axis,)
+    middle = image.data.shape[sagittal_axis] // 2
+    assert viewer.dims.point[sagittal_axis] == pytest.approx(middle * image.scale[sagittal_axis])
+    viewer.dims.order = (0, 1, 2)
+    widget.image_combo.select_layer(image)
+    widget.sagittal_button.click()
+    assert viewer.dims.not_displayed == (sagittal_axis,)
