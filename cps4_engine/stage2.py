@@ -516,6 +516,8 @@ class Stage2Trainer:
         first_rank = int(os.environ.get("RANK", "0")) == 0
         if first_rank and (self.out / "config.json").exists() and not config.resume:
             raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
+        if config.init_weights is not None and not Path(config.init_weights).is_file():
+            raise CPS4Error("initial weights file not found", path=config.init_weights)
         if config.resume and not (self.out / STATE_FILE).is_file():
             raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
         self._vlm_loader = vlm_loader or _load_vlm

@@ -227,6 +227,27 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_run(dataset: Path, tm
     assert [entry["step"] for entry in history["steps"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_initial_weights_continue_an_earlier_run(dataset: Path, tmp_path: Path) -> None:
+    _run(Stage2Trainer(_config(dataset, tmp_path / "first", max_steps=3)))
+    weights = tmp_path / "first" / "model.safetensors"
+    second = Stage2Trainer(_config(dataset, tmp_path / "second", max_steps=1, learning_rate=1e-12,
+                                   init_weights=weights))
+    _run(second)
+    start = load_weights(weights)
+    after = second.student.state_dict()
+    assert all(torch.allclose(after[name], start[name], atol=1e-6) for name in start)
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config["settings"]["init_weights"] == str(weights)
+
+
+def test_initial_weights_of_another_preset_are_a_one_line_error(dataset: Path, tmp_path: Path) -> None:
+    _run(Stage2Trainer(_config(dataset, tmp_path / "tiny", max_steps=1)))
+    trainer = Stage2Trainer(_config(dataset, tmp_path / "cpu", preset="cpu", max_steps=1,
+                                    init_weights=tmp_path / "tiny" / "model.safetensors"))
+    with pytest.raises(CPS4Error, match="do not fit"):
+        _run(trainer)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -240,6 +261,7 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_run(dataset: Path, tm
         ({"resume": True}, "nothing to resume"),
         ({"prompt_weight": 1.5}, "--prompt-weight 1.5 must be between 0 and 1"),
         ({"ema_decay": -0.1}, "--ema-decay"),
+        ({"init_weights": "missing.safetensors"}, "initial weights file not found"),
     ],
 )
 def test_bad_input_is_a_one_line_error(dataset: Path, tmp_path: Path, overrides: dict, message: str) -> None:
