@@ -38,9 +38,9 @@ from cps4_engine.labels import LabelMap
 from cps4_engine.metrics import CaseMetrics, Summary, case_metrics, summarize
 
 GT_SUBFOLDERS = ("Mask", "labelsTr", "labels")
-_KEY_PREFIX = re.compile(r"^(mask|labels?|seg)_")
-_KEY_SUFFIX = re.compile(r"(_(0000|img|image|labels?|mask|seg|pred))+$")
-_LABEL_NAME = re.compile(r"(^(mask|labels?|seg)_)|(_(labels?|mask|seg)$)")
+_KEY_PREFIX = re.compile(r"^(mask|labels?|seg)_", re.IGNORECASE)
+_KEY_SUFFIX = re.compile(r"(_(0000|img|image|labels?|mask|seg|pred))+$", re.IGNORECASE)
+_LABEL_NAME = re.compile(r"(^(mask|labels?|seg)_)|(_(labels?|mask|seg)$)", re.IGNORECASE)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class CasePair:
     """A prediction and its ground truth.
 
     Attributes:
-        case_id: the ground truth's file stem.
+        case_id: the ground truth's case name (:func:`case_name`).
         pred_path: predicted label volume.
         gt_path: ground-truth label volume.
         painted: classes painted in a partial mask, or None for a complete mask.
@@ -77,11 +77,19 @@ class Evaluation:
         }
 
 
+def case_name(path: str | Path) -> str:
+    """A file's case name as shown in results: ``mask_Case3.nii.gz`` -> ``Case3``.
+
+    The stem without the label/image prefixes and suffixes of the module doc, case kept.
+    """
+    stem = nifti_stem(path)
+    short = _KEY_SUFFIX.sub("", _KEY_PREFIX.sub("", stem))
+    return short or stem
+
+
 def case_key(path: str | Path) -> str:
     """The name a file is matched by (see the module doc): ``mask_case3.nii.gz`` -> ``case3``."""
-    stem = nifti_stem(path).lower()
-    stem = _KEY_PREFIX.sub("", stem)
-    return _KEY_SUFFIX.sub("", stem) or stem
+    return case_name(path).lower()
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -141,7 +149,7 @@ def match_cases(pred: str | Path, gt: str | Path) -> tuple[list[CasePair], list[
         if not path.exists():
             raise CPS4Error(f"{what} not found", path=path)
     if pred.is_file() and gt.is_file():
-        return [CasePair(nifti_stem(gt), pred, gt, read_label_status(gt))], []
+        return [CasePair(case_name(gt), pred, gt, read_label_status(gt))], []
     if pred.is_file() != gt.is_file():
         raise CPS4Error("give two files or two folders, not a file and a folder", path=pred if pred.is_file() else gt)
     pred_files = _nifti_files(pred)
@@ -156,11 +164,11 @@ def match_cases(pred: str | Path, gt: str | Path) -> tuple[list[CasePair], list[
         shown = ", ".join(preds[key].name for key in orphans[:3]) + (", ..." if len(orphans) > 3 else "")
         raise CPS4Error(f"{len(orphans)} prediction(s) have no ground truth in {gt} ({shown})", path=pred)
     pairs = [
-        CasePair(nifti_stem(path), preds[key], path, read_label_status(path))
+        CasePair(case_name(path), preds[key], path, read_label_status(path))
         for key, path in gts.items()
         if key in preds
     ]
-    unmatched = [nifti_stem(path) for key, path in gts.items() if key not in preds]
+    unmatched = [case_name(path) for key, path in gts.items() if key not in preds]
     return pairs, unmatched
 
 

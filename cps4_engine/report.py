@@ -115,6 +115,7 @@ def save_training_curves(path: str | Path, runs: Sequence[TrainingCurves]) -> Pa
             handles, labels = handles + more_handles, labels + more_labels
         if handles:
             axis.legend(handles, labels, fontsize=7, loc="upper right")
+    figure.subplots_adjust(wspace=0.45)
     return _save_figure(figure, path)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cps4_engine.errors import CPS4Error
-from cps4_engine.evaluate import case_key, evaluate, format_table, match_cases
+from cps4_engine.evaluate import case_key, case_name, evaluate, format_table, match_cases
 from cps4_engine.io import write_volume
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])
@@ -46,6 +46,7 @@ def test_case_keys_match_predict_output_to_dataset_masks() -> None:
     assert case_key("Case3_labels.nii.gz") == case_key("mask_case3.nii.gz") == "case3"
     assert case_key("spine_001_0000_labels.nii.gz") == case_key("spine_001.nii") == "spine_001"
     assert case_key("sub-01_seg.nii.gz") == "sub-01"
+    assert case_name("mask_Case3.nii.gz") == "Case3"
     assert case_key("case11_img_labels.nii.gz") == case_key("case11_seg.nii.gz") == "case11"
 
 
@@ -53,8 +54,8 @@ def test_folders_are_scored_against_hand_computed_dice(tmp_path) -> None:
     pred, gt = _hand_checked(tmp_path)
     write_volume(pred / "Case1_confidence.nii.gz", np.ones((8, 8, 3), np.float32), AFFINE)
     result = evaluate(pred, tmp_path)
-    assert [case.case_id for case in result.cases] == ["mask_case1", "mask_case2"]
-    assert result.unmatched_gt == ["mask_case3"]
+    assert [case.case_id for case in result.cases] == ["case1", "case2"]
+    assert result.unmatched_gt == ["case3"]
     first, second = result.cases
     assert first.dice == pytest.approx({2: 2 / 3, 11: 1.0})
     assert second.dice == pytest.approx({2: 1.0, 3: 0.0})
@@ -116,7 +117,7 @@ def test_real_disc_masks_in_a_mixed_folder(realdata, tmp_path) -> None:
     shifted[1:] = truth.array[:-1]
     write_volume(tmp_path / "case11_img_labels.nii.gz", shifted, truth.affine)
     result = evaluate(tmp_path, realdata / "ivd_t2")
-    assert result.unmatched_gt == ["case20_seg"]
+    assert result.unmatched_gt == ["case20"]
     (case,) = result.cases
     assert case.classes == (11, 12, 13, 14, 15)
     assert all(0.5 < case.dice[c] < 1.0 for c in case.classes)
