@@ -79,3 +79,14 @@ def test_predict_writes_labels_in_each_images_geometry(tmp_path, capsys) -> None
     assert main(["predict", str(tmp_path), str(image), "--out", str(out)]) == 2
     assert "not a stage-2 run" in capsys.readouterr().err
     assert main(args[:-2] + ["--batch-size", "0"]) == 2
+
+
+def test_demo_refuses_a_used_folder_and_bad_sizes(tmp_path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "new"), "--cases", "3", "--train-cases", "3"]) == 2
+    assert "test case" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "new"), "--device", "tpu"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
