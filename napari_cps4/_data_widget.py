@@ -170,7 +170,7 @@ class DataWidget(QWidget):
         else:
             self.dataset = open_dataset(path)
             self.workspace = None
-            if not self.labeled_set_edit.text():
+            if not self.labeled_set_edit.text() and self.dataset.layout == "mrspineseg":
                 self.labeled_set_edit.setText(str(self.dataset.root))
         self.dataset_edit.setText(str(path))
         self.refresh_cases()

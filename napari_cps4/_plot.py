@@ -100,6 +100,8 @@ class CurvePlot(QLabel):
         self.loss_axes.set_title(title, fontsize=9)
         self.loss_axes.set_xlabel("step", fontsize=8)
         self.loss_axes.set_ylabel("loss", fontsize=8, color="tab:blue")
+        self.dice_axes.yaxis.set_label_position("right")
+        self.dice_axes.yaxis.tick_right()
         self.dice_axes.set_ylabel("validation Dice", fontsize=8, color="tab:orange")
         self.dice_axes.set_ylim(0.0, 1.0)
         self.loss_axes.plot(*loss, color="tab:blue", linewidth=1.0)

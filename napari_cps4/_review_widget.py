@@ -245,7 +245,7 @@ class ReviewWidget(QWidget):
         image_path = labels_layer.metadata.get(IMAGE_KEY) or (
             self.image_layer.metadata.get(SOURCE_KEY) if self.image_layer is not None else None
         )
-        if image_path and not self.save_edit.text().strip():
+        if image_path:
             self.save_edit.setText(str(mask_path_for_image(image_path)))
         self.refresh_class_table()
         self.viewer.layers.selection.active = labels_layer
@@ -297,7 +297,7 @@ class ReviewWidget(QWidget):
         self.refresh_class_table()
 
     def jump_to_class(self, class_id: int) -> None:
-        """Move the slider to the slice through the class's centroid and centre the view on it.
+        """Move the slider to the slice through the class's centroid and select its row.
 
         Raises:
             CPS4Error: the class has no voxels in the reviewed layer.
@@ -307,11 +307,9 @@ class ReviewWidget(QWidget):
         if voxels.size == 0:
             raise CPS4Error(f"class {class_id} has no voxels", path=f"layer {layer.name!r}")
         centroid = voxels.mean(axis=0)
-        scale, translate = np.asarray(layer.scale), np.asarray(layer.translate)
         for axis in self.viewer.dims.not_displayed:
-            self.viewer.dims.set_point(axis, float(np.round(centroid[axis]) * scale[axis] + translate[axis]))
-        world = centroid * scale + translate
-        self.viewer.scene.camera.center = tuple(float(world[axis]) for axis in self.viewer.dims.displayed)
+            slice_index = float(np.round(centroid[axis]))
+            self.viewer.dims.set_point(axis, slice_index * layer.scale[axis] + layer.translate[axis])
         if class_id in self.class_ids:
             self.class_table.selectRow(self.class_ids.index(class_id))
 

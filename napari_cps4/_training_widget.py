@@ -150,7 +150,8 @@ class TrainingWidget(QWidget):
         vlm_text = self.vlm_edit.text().strip()
         if method == "cps4" and not vlm_text:
             raise CPS4Error("method cps4 needs a stage-1 run folder (train stage 1 first)")
-        return Stage2Config(method=method, vlm=Path(vlm_text) if vlm_text else None, **common)
+        vlm = Path(vlm_text) if method == "cps4" else None
+        return Stage2Config(method=method, vlm=vlm, **common)
 
     def start(self) -> GeneratorWorker:
         """Start training the chosen stage in a thread worker; returns the worker.

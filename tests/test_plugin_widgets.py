@@ -210,3 +210,28 @@ def test_first_image_opened_turns_the_view_sagittal(make_napari_viewer) -> None:
     widget.image_combo.select_layer(image)
     widget.sagittal_button.click()
     assert viewer.dims.not_displayed == (sagittal_axis,)
+
+
+def test_user_mistakes_get_one_line_errors(viewer_with_sample, tmp_path: Path) -> None:
+    viewer = viewer_with_sample
+    image, labels = viewer.layers
+    data_widget = DataWidget(viewer)
+    data_widget.image_combo.select_layer(image)
+    painted = data_widget.create_labels_layer()
+    painted.data[labels.data == 3] = 3
+    review = ReviewWidget(viewer)
+    inspector = InspectorWidget(viewer)
+    mistakes = [
+        (lambda: data_widget.add_to_labeled_set(painted, image), "labeled-set folder"),
+        (lambda: data_widget.open_dataset(tmp_path / "nowhere"), "nowhere"),
+        (lambda: review.jump_to_class(3), "nothing to review"),
+        (lambda: review.run_inference(), "stage-2 run"),
+        (lambda: inspector.inspect("the L3 vertebra"), "stage-1 run"),
+    ]
+    for action, expected in mistakes:
+        with pytest.raises(CPS4Error, match=expected) as info:
+            action()
+        assert "\n" not in str(info.value)
+    review.review(labels, image)
+    with pytest.raises(CPS4Error, match="no voxels"):
+        review.jump_to_class(19)
