@@ -232,6 +232,7 @@ def test_user_mistakes_get_one_line_errors(viewer_with_sample, tmp_path: Path) -
         with pytest.raises(CPS4Error, match=expected) as info:
             action()
         assert "\n" not in str(info.value)
-    review.review(labels, image)
+    review.review(painted, image)
+    assert review.class_ids == [3]
     with pytest.raises(CPS4Error, match="no voxels"):
-        review.jump_to_class(19)
+        review.jump_to_class(4)
