@@ -110,3 +110,20 @@ def test_reader_reports_broken_files_in_one_line(tmp_path: Path) -> None:
         read_nifti(str(broken))
     assert str(broken) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_real_case_opens_as_image_and_labels_with_its_geometry(realdata: Path, tmp_path: Path) -> None:
+    image_path = realdata / "vb3_l1l5_t1" / "case01_img.nii.gz"
+    label_path = realdata / "vb3_l1l5_t1" / "case01_seg.nii.gz"
+    (image, image_attributes, image_kind), (labels, label_attributes, label_kind) = read_nifti(
+        [str(image_path), str(label_path)]
+    )
+    assert (image_kind, label_kind) == ("image", "labels")
+    assert image.shape == labels.shape == (224, 224, 77)
+    np.testing.assert_allclose(image_attributes["scale"], (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(image_attributes["metadata"][AFFINE_KEY], nib.load(image_path).affine)
+    assert set(np.unique(labels)) == {0, 2, 3, 4, 5, 6}
+    [written] = write_labels(str(tmp_path / "copy.nii.gz"), labels, label_attributes)
+    copy = read_volume(written, kind="label")
+    np.testing.assert_array_equal(copy.array, labels)
+    assert copy.orientation == ("I", "P", "L")
