@@ -34,7 +34,6 @@ embedded below; it works on :attr:`ReviewWidget.labels_layer`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import napari
 import numpy as np
@@ -61,6 +60,7 @@ from qtpy.QtWidgets import (
 )
 
 from cps4_engine.errors import CPS4Error
+from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
 from napari_cps4._common import LayerCombo, color_icon, reports_errors
 from napari_cps4._layers import IMAGE_KEY, SOURCE_KEY, labels_layer_data, layer_affine, scheme_of
@@ -90,7 +90,7 @@ class ReviewWidget(QWidget):
         self.viewer = napari_viewer
         self.image_layer: Image | None = None
         self.labels_layer: Labels | None = None
-        self.prediction: Any | None = None
+        self.prediction: Prediction | None = None
         self.statuses: dict[int, str] = {}
         self.class_layers: dict[int, Labels] = {}
         self.class_ids: list[int] = []
@@ -222,7 +222,7 @@ class ReviewWidget(QWidget):
         worker.start()
         return worker
 
-    def show_prediction(self, prediction: Any, image_layer: Image) -> Labels:
+    def show_prediction(self, prediction: Prediction, image_layer: Image) -> Labels:
         """Show a prediction as the pseudo-label layer over ``image_layer`` and review it."""
         name = f"{image_layer.name} pseudo-label"
         data, attributes, _ = labels_layer_data(prediction.labels, layer_affine(image_layer), None, name)
@@ -235,7 +235,9 @@ class ReviewWidget(QWidget):
         self.review(layer, image_layer, prediction)
         return layer
 
-    def review(self, labels_layer: Labels, image_layer: Image | None = None, prediction: Any | None = None) -> None:
+    def review(
+        self, labels_layer: Labels, image_layer: Image | None = None, prediction: Prediction | None = None
+    ) -> None:
         """Start reviewing ``labels_layer``: every class present becomes ``pending``."""
         self._remove_class_layers()
         self.labels_layer = labels_layer
