@@ -49,6 +49,7 @@ def test_gradients_reach_both_encoders() -> None:
     image_grad = sum(float(p.grad.abs().sum()) for p in vlm.image_encoder.parameters() if p.grad is not None)
     text_grad = sum(float(p.grad.abs().sum()) for p in vlm.text_encoder.backbone.parameters() if p.grad is not None)
     assert image_grad > 0 and text_grad > 0
+    assert vlm.text_encoder.backbone.get_input_embeddings().weight.grad is None  # vocabulary table frozen
 
 
 def test_class_probabilities_are_batched_foreground_sigmoids() -> None:

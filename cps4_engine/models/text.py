@@ -69,6 +69,9 @@ def minilm_folder() -> Path | None:
 class TextEncoder(nn.Module):
     """A transformers text backbone, its tokenizer and a projection to the shared space.
 
+    The backbone's token-embedding table is frozen; its transformer layers and the
+    projection train.
+
     Args:
         backbone: a transformers model whose output has ``last_hidden_state``
             ``(P, L, hidden)``.
@@ -94,6 +97,10 @@ class TextEncoder(nn.Module):
         hidden = int(backbone.config.hidden_size)
         self.embed_dim = int(embed_dim) if embed_dim is not None else hidden
         self.projection: nn.Module = nn.Linear(hidden, self.embed_dim) if embed_dim is not None else nn.Identity()
+        # The vocabulary table (30k x 384 for MiniLM) dwarfs the rest of the backbone, yet
+        # prompts use a few dozen of its rows: training it made every optimiser step on a
+        # CPU several times slower, and weight decay would erode the rows free text needs.
+        backbone.get_input_embeddings().requires_grad_(False)
 
     @property
     def hidden_size(self) -> int:
