@@ -14,7 +14,7 @@ vision-language model) and stage 2 (the segmenter).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Literal
 
 from cps4_engine.errors import CPS4Error
@@ -37,6 +37,9 @@ class Preset:
         image_encoder: ``unet`` (MONAI ``UNet``) or ``unetr`` (MONAI ``UNETR``, a ViT
             encoder with a convolutional decoder).
         encoder_channels: channels per level of the ``unet`` encoder (its strides are 2).
+            Which level a vertebra is has to be read from the whole spine (the sacrum at
+            the bottom, counting upwards), so the deepest level should see most of the
+            slice: five levels give a 1/16-resolution bottleneck.
         vit_hidden_size: ViT token width of the ``unetr`` encoder.
         vit_layers: number of ViT transformer blocks.
         vit_heads: number of attention heads per block.
@@ -52,6 +55,10 @@ class Preset:
         stage2_batch_size: labeled slices per stage-2 step (the unlabeled batch matches).
         stage2_learning_rate: learning rate of the stage-2 student.
         stage2_max_steps: default number of stage-2 optimiser steps.
+        encoder_res_units: residual units per level of the ``unet`` encoder's
+            contracting path (MONAI ``num_res_units``); more units widen the receptive
+            field at low resolution, where they cost little. Runs saved before this
+            setting existed used 1.
     """
 
     name: str
@@ -76,6 +83,7 @@ class Preset:
     stage2_batch_size: int
     stage2_learning_rate: float
     stage2_max_steps: int
+    encoder_res_units: int = 1
 
     def to_dict(self) -> dict:
         """The preset as JSON-ready values (tuples become lists)."""
@@ -84,8 +92,9 @@ class Preset:
     @classmethod
     def from_dict(cls, values: dict) -> "Preset":
         """Rebuild a preset saved with :meth:`to_dict` (e.g. from a run's ``config.json``)."""
-        known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
-        missing = set(cls.__dataclass_fields__) - set(known)
+        fields = cls.__dataclass_fields__
+        known = {name: values[name] for name in fields if name in values}
+        missing = {name for name, field in fields.items() if name not in known and field.default is MISSING}
         if missing:
             raise CPS4Error(f"preset settings lack {', '.join(sorted(missing))}")
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in known.items()})
@@ -120,11 +129,11 @@ _PRESETS: dict[str, Preset] = {
         name="cpu",
         slice_size=(128, 64),
         batch_size=8,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         max_steps=600,
         validation_every=100,
         image_encoder="unet",
-        encoder_channels=(16, 32, 64, 128),
+        encoder_channels=(16, 32, 64, 128, 256),
         vit_hidden_size=0,
         vit_layers=0,
         vit_heads=0,
@@ -139,6 +148,7 @@ _PRESETS: dict[str, Preset] = {
         stage2_batch_size=8,
         stage2_learning_rate=1e-3,
         stage2_max_steps=800,
+        encoder_res_units=2,
     ),
     "paper": Preset(
         name="paper",

@@ -108,3 +108,18 @@ def test_weights_file_is_not_a_training_state(tmp_path) -> None:
     save_weights(tmp_path / "w.safetensors", model.state_dict())
     with pytest.raises(CPS4Error, match="not a cps4 training state file"):
         load_training_state(tmp_path / "w.safetensors", torch.optim.SGD(model.parameters(), lr=1.0))
+
+
+def test_runs_saved_before_encoder_res_units_existed_still_load() -> None:
+    saved = get_preset("cpu").to_dict()
+    del saved["encoder_res_units"]
+    assert Preset.from_dict(saved).encoder_res_units == 1
+    del saved["embed_dim"]
+    with pytest.raises(CPS4Error, match="preset settings lack embed_dim"):
+        Preset.from_dict(saved)
+
+
+def test_cpu_encoder_bottleneck_sees_most_of_the_slice() -> None:
+    cpu = get_preset("cpu")
+    levels = len(cpu.encoder_channels)
+    assert cpu.slice_size[0] // 2 ** (levels - 1) <= 8 and cpu.encoder_res_units >= 2

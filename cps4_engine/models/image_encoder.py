@@ -4,7 +4,8 @@ The encoder maps preprocessed slices ``(B, 1, H, W)`` (intensities in [0, 1]) to
 embeddings ``(B, D, H, W)`` at full resolution, D being the preset's ``embed_dim``:
 
 - ``unet`` presets (``tiny``, ``cpu``): a MONAI ``UNet`` with stride-2 levels of
-  ``encoder_channels`` and D output channels;
+  ``encoder_channels``, ``encoder_res_units`` residual units per level and D output
+  channels;
 - ``unetr`` presets (``paper``): a MONAI ``UNETR``: a ViT-B/16-class transformer over
   16 x 16 patches (hidden 768, 12 blocks, 12 heads) with a convolutional decoder back to
   full resolution, D output channels.
@@ -47,7 +48,7 @@ def build_image_encoder(preset: Preset) -> nn.Module:
             out_channels=preset.embed_dim,
             channels=preset.encoder_channels,
             strides=(2,) * (len(preset.encoder_channels) - 1),
-            num_res_units=1,
+            num_res_units=preset.encoder_res_units,
             norm="INSTANCE",
         )
     if preset.image_encoder == "unetr":
