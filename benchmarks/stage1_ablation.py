@@ -70,6 +70,7 @@ class RunSpec:
         out: the run folder.
         threads: torch CPU threads of the worker.
         labeled: labeled training volumes.
+        validation_every: steps between validations (None: the preset's).
     """
 
     dataset: str
@@ -85,6 +86,7 @@ class RunSpec:
     out: str
     threads: int
     labeled: int = 2
+    validation_every: int | None = None
 
     @property
     def text_label(self) -> str:
@@ -108,7 +110,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     config = Stage1Config(
         data=spec.data, out=spec.out, labeled=spec.labeled, preset=spec.preset, max_steps=spec.max_steps,
         device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
-        train_cases=spec.train_cases,
+        train_cases=spec.train_cases, validation_every=spec.validation_every,
     )
     if (Path(spec.out) / "config.json").is_file():
         planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=int, help="override the training-case count of every dataset (smoke runs)")
     parser.add_argument("--test-limit", type=int, help="evaluate at most this many test volumes per run (smoke runs)")
     parser.add_argument("--realdata", type=Path, default=Path(os.environ.get("CPS4_REALDATA", PROJECT_ROOT.parent / "shared" / "realdata")))
+    parser.add_argument("--validation-every", type=int, help="steps between validations (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
     parser.add_argument("--throughput-steps", type=int, default=0, help="also time N training steps with and without AMP")
     parser.add_argument("--throughput-preset", default="paper", help="preset whose throughput is timed (default paper)")
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant, text in runs:
                 tag = f"{name}_{variant}_{'tiny' if text == 'tiny' else 'default' if text is None else Path(text).name}_s{seed}"
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
-                                     args.max_steps, args.device, str(args.out / "runs" / tag), threads))
+                                     args.max_steps, args.device, str(args.out / "runs" / tag), threads,
+                                     validation_every=args.validation_every))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []
     if args.jobs > 1:
