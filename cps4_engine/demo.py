@@ -68,15 +68,16 @@ class DemoSettings:
     text_encoder: str | None = None
 
 
-# Timed with `time cps4 demo` on a 2-core CPU shared with other work (default 4.6
-# minutes, quick QUICK_TIME; the budgets are 10 and 2). The default uses the pretrained MiniLM text encoder, whose fine-tuning dominates
-# stage 1's cost on a CPU, and the cpu preset's 128x64 slices; quick uses the small random
-# text encoder and the tiny preset's 64x32 slices.
+# Timed with `time cps4 demo` on a 2-core CPU shared with other work: default 4 min 34 s
+# (load average about 2), quick 56 s (load average about 6); the budgets are 10 and 2
+# minutes. The default uses the pretrained MiniLM text encoder, whose fine-tuning
+# dominates stage 1's cost on a CPU, and the cpu preset's 128x64 slices; quick uses the
+# small random text encoder and the tiny preset's 64x32 slices.
 DEFAULT_SETTINGS = DemoSettings(
     cases=16, train_cases=12, labeled=3, preset="cpu", stage1_steps=120, stage2_steps=900, text_encoder=None
 )
 QUICK_SETTINGS = DemoSettings(
-    cases=8, train_cases=6, labeled=2, preset="tiny", stage1_steps=60, stage2_steps=300, text_encoder="tiny"
+    cases=8, train_cases=6, labeled=2, preset="tiny", stage1_steps=60, stage2_steps=150, text_encoder="tiny"
 )
 
 
