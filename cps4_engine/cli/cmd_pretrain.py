@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cps4_engine.cli.cmd_train import count_or_fraction
+from cps4_engine.cli._options import add_training_run_options
 
 
 def register(subparsers: Any) -> None:
@@ -26,33 +26,20 @@ def register(subparsers: Any) -> None:
             "last.safetensors, train_state.safetensors, text_encoder/, history.json, split.json."
         ),
     )
-    parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder (any supported layout)")
-    parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
-                        help="labeled training volumes: a count (2) or a fraction (0.05)")
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
-    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
-    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, help="slices per step (default: the preset's)")
+    add_training_run_options(parser, batch_size_help="slices per step (default: the preset's)",
+                             seed_help="picks labeled volumes, initialises the networks")
     parser.add_argument("--learning-rate", type=float, help="AdamW learning rate (default: the preset's)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--text-encoder", metavar="ID",
                         help="tiny, minilm, a Hugging Face model folder or hub id "
                              "(default: the pretrained MiniLM when installed, else tiny)")
     parser.add_argument("--prompt-template", metavar="TEXT",
                         help="class prompt template with a {name} placeholder "
                              "(default: 'a sagittal T2-weighted MR image of the {name}')")
-    parser.add_argument("--seed", type=int, default=0, help="picks labeled volumes, initialises the networks")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--no-token-loss", action="store_true", help="ablation: drop the token-level attention loss")
     parser.add_argument("--no-pixel-loss", action="store_true", help="ablation: drop the pixel-level attention loss")
     parser.add_argument("--contrastive-weight", type=float, default=0.0,
                         help="weight of the image-text contrastive term (default 0: off)")
-    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
-                        help="validation volumes from the training volumes: count or fraction (default 0.1)")
-    parser.add_argument("--train-cases", type=int,
-                        help="only the first N cases are training volumes; the rest are never seen")
     parser.add_argument("--no-augment", action="store_true", help="no geometric augmentation")
-    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.set_defaults(func=run)
 
 

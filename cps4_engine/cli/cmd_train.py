@@ -12,20 +12,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from cps4_engine.cli._options import add_training_run_options
+
 METHOD_CHOICES = ("supervised", "mean-teacher", "cps4")
 PSEUDO_LABEL_CHOICES = ("teacher", "prompt", "fused")
-
-
-def count_or_fraction(text: str) -> int | float:
-    """Parse ``--labeled``: an integer count (``2``) or a fraction (``0.05``)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
 
 
 def register(subparsers: Any) -> None:
@@ -40,21 +30,13 @@ def register(subparsers: Any) -> None:
             "model.safetensors (best on validation), last.safetensors, history.json, split.json."
         ),
     )
-    parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder (any supported layout)")
-    parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
-                        help="labeled training volumes: a count (2) or a fraction (0.05)")
+    add_training_run_options(parser, batch_size_help="labeled slices per step (default: the preset's)",
+                             seed_help="picks labeled volumes, initialises the network")
     parser.add_argument("--method", choices=METHOD_CHOICES, default="cps4",
                         help="supervised only, mean teacher without prompts, or CPS4 (default)")
     parser.add_argument("--vlm", type=Path, metavar="RUN", help="stage-1 run folder (cps4 pretrain); cps4 needs it")
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
     parser.add_argument("--pseudo-label", choices=PSEUDO_LABEL_CHOICES, default=None,
                         help="cps4 pseudo-labels from the teacher, the prompt maps, or both (default fused)")
-    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
-    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, help="labeled slices per step (default: the preset's)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=0, help="picks labeled volumes, initialises the network")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--confidence-threshold", type=float, default=0.8,
                         help="ignore pseudo-labeled pixels less confident than this (default 0.8)")
     parser.add_argument("--prompt-weight", type=float, default=0.5,
@@ -64,11 +46,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
     parser.add_argument("--unsupervised-weight", type=float, default=1.0,
                         help="weight of the unlabeled loss after ramp-up (default 1)")
-    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
-                        help="validation volumes from the training volumes: count or fraction (default 0.1)")
-    parser.add_argument("--train-cases", type=int,
-                        help="only the first N cases are training volumes; the rest are never seen")
-    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     parser.set_defaults(func=run)
 
 

@@ -1,0 +1,47 @@
+"""Command-line options that ``cps4 pretrain`` and ``cps4 train`` share.
+
+The module name does not start with ``cmd_``, so the command discovery in
+:mod:`cps4_engine.cli` does not take it for a sub-command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def count_or_fraction(text: str) -> int | float:
+    """Parse ``--labeled``: an integer count (``2``) or a fraction (``0.05``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
+
+
+def add_training_run_options(parser: argparse.ArgumentParser, *, batch_size_help: str, seed_help: str) -> None:
+    """Add the dataset, split, size, device and run-folder options of a training command.
+
+    Args:
+        parser: the sub-command's parser.
+        batch_size_help: help text of ``--batch-size`` (what one step's slices are).
+        seed_help: help text of ``--seed`` (what the seed initialises).
+    """
+    parser.add_argument("data", type=Path, metavar="DATA", help="dataset folder (any supported layout)")
+    parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
+                        help="labeled training volumes: a count (2) or a fraction (0.05)")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
+    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help=batch_size_help)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
+                        help="validation volumes from the training volumes: count or fraction (default 0.1)")
+    parser.add_argument("--train-cases", type=int,
+                        help="only the first N cases are training volumes; the rest are never seen")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
