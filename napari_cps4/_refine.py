@@ -19,7 +19,7 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import napari
 import numpy as np
@@ -52,6 +52,7 @@ from cps4_engine.active.workspace import Workspace
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume
 from cps4_engine.labels import LabelScheme
+from napari_cps4._common import reports_errors
 from napari_cps4._layers import (
     AFFINE_KEY,
     IMAGE_KEY,
@@ -63,19 +64,6 @@ from napari_cps4._layers import (
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
 REVIEW_TO_WORKSPACE = {"accepted": "accepted", "needs edit": "corrected", "rejected": "rejected"}
 WORKSPACE_TO_REVIEW = {workspace: review for review, workspace in REVIEW_TO_WORKSPACE.items()}
-
-
-def _reporting(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a user-facing :class:`CPS4Error` from a button into a napari notification."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except CPS4Error as error:
-            show_error(str(error))
-            return None
-
-    return wrapper
 
 
 class RoundPlot(FigureCanvasQTAgg):
@@ -130,10 +118,10 @@ class RefinementPanel(QWidget):
         self.data_edit = QLineEdit()
         self.data_edit.setPlaceholderText("dataset folder (to make a new workspace)")
         open_button = QPushButton("Open")
-        open_button.clicked.connect(_reporting(lambda: self.open_workspace(self.workspace_edit.text().strip())))
+        open_button.clicked.connect(reports_errors(lambda: self.open_workspace(self.workspace_edit.text().strip())))
         init_button = QPushButton("New from dataset")
         init_button.clicked.connect(
-            _reporting(lambda: self.init_workspace(self.workspace_edit.text().strip(), self.data_edit.text().strip()))
+            reports_errors(lambda: self.init_workspace(self.workspace_edit.text().strip(), self.data_edit.text().strip()))
         )
         workspace_row = QHBoxLayout()
         workspace_row.addWidget(self.workspace_edit)
@@ -148,30 +136,30 @@ class RefinementPanel(QWidget):
         self.queue_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.queue_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.queue_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.queue_table.cellClicked.connect(_reporting(lambda row, _column: self.load_case(self.queue[row].case_id)))
+        self.queue_table.cellClicked.connect(reports_errors(lambda row, _column: self.load_case(self.queue[row].case_id)))
 
         self.first_class = QComboBox()
         self.second_class = QComboBox()
         shift_up = QPushButton("Shift levels up")
         shift_up.setToolTip("rename every vertebra and disc one level up (L4 → L3)")
-        shift_up.clicked.connect(_reporting(lambda: self.shift(+1)))
+        shift_up.clicked.connect(reports_errors(lambda: self.shift(+1)))
         shift_down = QPushButton("Shift levels down")
         shift_down.setToolTip("rename every vertebra and disc one level down (L4 → L5)")
-        shift_down.clicked.connect(_reporting(lambda: self.shift(-1)))
+        shift_down.clicked.connect(reports_errors(lambda: self.shift(-1)))
         swap_button = QPushButton("Swap")
-        swap_button.clicked.connect(_reporting(lambda: self.swap(self.first_class.currentData(), self.second_class.currentData())))
+        swap_button.clicked.connect(reports_errors(lambda: self.swap(self.first_class.currentData(), self.second_class.currentData())))
         self.voxel_edit = QLineEdit()
         self.voxel_edit.setPlaceholderText("voxel i, j, k (empty: under the cursor)")
         relabel_button = QPushButton("Relabel structure as class 1")
         relabel_button.setToolTip("give the connected structure at the voxel the first class above")
-        relabel_button.clicked.connect(_reporting(self._relabel_clicked))
+        relabel_button.clicked.connect(reports_errors(self._relabel_clicked))
         check_button = QPushButton("Check order")
-        check_button.clicked.connect(_reporting(self.check_order))
+        check_button.clicked.connect(reports_errors(self.check_order))
         self.report_text = QPlainTextEdit()
         self.report_text.setReadOnly(True)
         self.report_text.setMaximumHeight(90)
         save_button = QPushButton("Save to workspace")
-        save_button.clicked.connect(_reporting(self.save_to_workspace))
+        save_button.clicked.connect(reports_errors(self.save_to_workspace))
 
         tools = QGroupBox("Corrections")
         tools_layout = QFormLayout(tools)
@@ -205,7 +193,7 @@ class RefinementPanel(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.retrain_button = QPushButton("Retrain (next round)")
-        self.retrain_button.clicked.connect(_reporting(self.retrain))
+        self.retrain_button.clicked.connect(reports_errors(self.retrain))
         self.progress_label = QLabel("")
         self.plot = RoundPlot()
         rounds_box = QGroupBox("Rounds")
