@@ -6,7 +6,6 @@ Ctrl-C stops at the next step and saves the state that ``--resume`` continues.
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Pretrain and print progress; returns 0 (done) or 130 (cancelled)."""
-    from tqdm import tqdm
-
+    from cps4_engine.cli._progress import print_training_progress
     from cps4_engine.events import CancelToken
     from cps4_engine.stage1 import Stage1Config, iter_pretrain
 
@@ -59,29 +57,4 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp,
     )
     cancel = CancelToken()
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = None
-    status = 0
-    try:
-        for event in iter_pretrain(config, cancel):
-            if event.kind == "start":
-                print(event.message)
-                bar = tqdm(total=event.max_steps, initial=event.step, desc="stage 1", unit="step")
-            elif event.kind == "step" and bar is not None:
-                bar.update(event.step - bar.n)
-                bar.set_postfix({key: f"{value:.3f}" for key, value in event.losses.items()})
-            elif event.kind == "validation" and bar is not None:
-                bar.write(f"step {event.step}: {event.message}")
-            elif event.kind == "cancelled":
-                status = 130
-                print(event.message)
-            elif event.kind == "end":
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                print(event.message)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if bar is not None:
-            bar.close()
-    return status
+    return print_training_progress(iter_pretrain(config, cancel), cancel, "stage 1")

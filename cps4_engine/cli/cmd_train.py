@@ -8,7 +8,6 @@ only rank 0 prints and writes. Ctrl-C stops at the next step and saves a checkpo
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print progress; returns 0 (done), 130 (cancelled)."""
-    from tqdm import tqdm
-
+    from cps4_engine.cli._progress import print_training_progress
     from cps4_engine.events import CancelToken
     from cps4_engine.stage2 import Stage2Config, iter_train
 
@@ -66,31 +64,5 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, resume=args.resume, amp=not args.no_amp,
     )
     cancel = CancelToken()
-    events = iter_train(config, cancel)
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = None
-    status = 0
-    try:
-        for event in events:
-            if event.kind == "start":
-                print(event.message)
-                bar = tqdm(total=event.max_steps, initial=event.step, desc="stage 2", unit="step")
-            elif event.kind == "step" and bar is not None:
-                bar.update(event.step - bar.n)
-                bar.set_postfix({key: f"{value:.3f}" for key, value in event.losses.items()
-                                 if key in ("total", "dice", "unsupervised")})
-            elif event.kind == "validation" and bar is not None:
-                bar.write(f"step {event.step}: {event.message}")
-            elif event.kind == "cancelled":
-                status = 130
-                if bar is not None:
-                    bar.write(event.message)
-            elif event.kind == "end" and bar is not None:
-                bar.close()
-                bar = None
-                print(event.message)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if bar is not None:
-            bar.close()
-    return status
+    return print_training_progress(iter_train(config, cancel), cancel, "stage 2",
+                                   shown_losses=("total", "dice", "unsupervised"))
