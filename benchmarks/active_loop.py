@@ -274,16 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         for dataset, path in data.items()
         for seed in args.seeds
     ]
+    command = "python benchmarks/active_loop.py " + " ".join(argv if argv is not None else sys.argv[1:])
     points: list[dict[str, Any]] = []
+    # The report is rewritten after every finished job, so a run stopped early still leaves
+    # the seeds and datasets it finished.
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             for result in pool.map(run_job, jobs):
                 points.extend(result)
+                write_report(points, out, command)
     else:
         for job in jobs:
             points.extend(run_job(job))
-    command = "python benchmarks/active_loop.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(points, out, command)
+            write_report(points, out, command)
     print((out / "active_loop.md").read_text())
     return 0
 
