@@ -71,6 +71,8 @@ class RunSpec:
         threads: torch CPU threads of the worker.
         labeled: labeled training volumes.
         validation_every: steps between validations (None: the preset's).
+        freeze_text: keep the text backbone fixed (``Stage1Config.freeze_text_encoder``).
+        centre_prompts: centre the pooled prompt embeddings (``Stage1Config.centre_prompts``).
     """
 
     dataset: str
@@ -87,10 +89,17 @@ class RunSpec:
     threads: int
     labeled: int = 2
     validation_every: int | None = None
+    freeze_text: bool = False
+    centre_prompts: bool = True
 
     @property
     def text_label(self) -> str:
-        return "tiny (random)" if self.text_encoder == "tiny" else (self.text_encoder or "MiniLM (pretrained)")
+        name = "tiny (random)" if self.text_encoder == "tiny" else "MiniLM (pretrained)" if self.text_encoder in (None, "minilm") else self.text_encoder
+        return f"{name}, frozen" if self.freeze_text else name
+
+    @property
+    def variant_label(self) -> str:
+        return self.variant if self.centre_prompts else f"{self.variant}, prompts not centred"
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -111,6 +120,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         data=spec.data, out=spec.out, labeled=spec.labeled, preset=spec.preset, max_steps=spec.max_steps,
         device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
         train_cases=spec.train_cases, validation_every=spec.validation_every,
+        freeze_text_encoder=spec.freeze_text, centre_prompts=spec.centre_prompts,
     )
     if (Path(spec.out) / "config.json").is_file():
         planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
@@ -135,6 +145,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return {
         **asdict(spec),
         "text": spec.text_label,
+        "variant_label": spec.variant_label,
         "mean_dice": float(np.mean(dice)) if dice else float("nan"),
         "cases": cases,
         "train_seconds": trained - began,
@@ -215,7 +226,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean +- sample sd over seeds of each (dataset, variant, text encoder)."""
     groups: dict[tuple[str, str, str], list[float]] = {}
     for result in results:
-        groups.setdefault((result["dataset"], result["variant"], result["text"]), []).append(result["mean_dice"])
+        groups.setdefault((result["dataset"], result["variant_label"], result["text"]), []).append(result["mean_dice"])
     rows = []
     for (dataset, variant, text), values in sorted(groups.items()):
         array = np.asarray(values, dtype=float)
@@ -257,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="synthetic,vb3", help="comma-separated of synthetic, vb3")
     parser.add_argument("--text-encoder", default=None, help="text encoder of the ablation (default: pretrained MiniLM)")
     parser.add_argument("--no-text-comparison", action="store_true", help="skip the random-text-encoder rerun of 'both'")
+    parser.add_argument("--freeze-text-encoder", action="store_true", help="every run keeps its text backbone fixed")
+    parser.add_argument("--centring", choices=("on", "off", "compare"), default="on",
+                        help="centre the pooled prompt embeddings; 'compare' adds an uncentred rerun of 'both'")
     parser.add_argument("--synthetic", type=Path, help="synthetic dataset folder (default: OUT/synthetic, generated if missing)")
     parser.add_argument("--synthetic-cases", type=int, default=60, help="cases to generate (protocol: 60)")
     parser.add_argument("--train-cases", type=int, help="override the training-case count of every dataset (smoke runs)")
@@ -297,26 +311,31 @@ def main(argv: list[str] | None = None) -> int:
     specs: list[RunSpec] = []
     for name, folder, train in datasets:
         for seed in seeds:
-            runs = [(variant, args.text_encoder) for variant in variants]
+            centred = args.centring != "off"
+            runs = [(variant, args.text_encoder, centred) for variant in variants]
             if not args.no_text_comparison and args.text_encoder != "tiny":
-                runs.append(("both", "tiny"))
-            for variant, text in runs:
-                tag = f"{name}_{variant}_{'tiny' if text == 'tiny' else 'default' if text is None else Path(text).name}_s{seed}"
+                runs.append(("both", "tiny", centred))
+            if args.centring == "compare":
+                runs.append(("both", args.text_encoder, False))
+            for variant, text, centre in runs:
+                text_tag = "tiny" if text == "tiny" else "default" if text is None else Path(text).name
+                tag = f"{name}_{variant}_{text_tag}{'_frozen' if args.freeze_text_encoder else ''}{'' if centre else '_raw'}_s{seed}"
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
-                                     validation_every=args.validation_every))
+                                     validation_every=args.validation_every, freeze_text=args.freeze_text_encoder,
+                                     centre_prompts=centre))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             for result in pool.map(run_one, specs):
                 results.append(result)
-                print(f"{result['dataset']} {result['variant']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
+                print(f"{result['dataset']} {result['variant_label']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
     else:
         for spec in specs:
             result = run_one(spec)
             results.append(result)
-            print(f"{result['dataset']} {result['variant']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
+            print(f"{result['dataset']} {result['variant_label']} {result['text']} seed {result['seed']}: Dice {result['mean_dice']:.4f}", flush=True)
     throughput = [
         measure_throughput(args.throughput_preset, args.device, args.throughput_steps, amp, args.text_encoder)
         for amp in (False, True)

@@ -91,6 +91,7 @@ class BenchSettings:
         timing_steps: steps of each method in the side-by-side step-time measurement.
         full_supervision: also run the full-supervision ceiling.
         text_encoder: stage-1 text encoder (None: the pretrained default).
+        freeze_text_encoder: stage 1 keeps the text backbone fixed (only its projection trains).
         prompt_weight: weight of the prompt maps in CPS4's fused pseudo-labels.
         time_largest_real: also time prediction on the largest real volume.
         command: the command line that started the benchmark (recorded in the report).
@@ -109,6 +110,7 @@ class BenchSettings:
     timing_steps: int = 30
     full_supervision: bool = True
     text_encoder: str | None = None
+    freeze_text_encoder: bool = False
     prompt_weight: float = 0.5
     time_largest_real: bool = True
     command: str = ""
@@ -229,6 +231,7 @@ def _vlm_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
         data=task.payload["train_dir"], out=out, labeled=task.labeled, preset=settings["preset"],
         max_steps=settings["vlm_steps"], device=settings["device"], seed=task.seed,
         validation=settings["validation"], text_encoder=settings["text_encoder"],
+        freeze_text_encoder=settings["freeze_text_encoder"],
     )
     pretrain(config)
     return {"run": str(out), "seconds": time.perf_counter() - began}

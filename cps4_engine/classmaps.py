@@ -74,7 +74,7 @@ def load_vlm(run_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
     except (KeyError, TypeError) as error:
         raise CPS4Error(f"stage-1 configuration lacks {error}", path=run_dir / "config.json") from None
     text = load_text_architecture(run_dir / config["text_encoder"].get("folder", "text_encoder"), text_source, preset.embed_dim, preset.text_max_length)
-    model = VLM(build_image_encoder(preset), text, prompts, preset)
+    model = VLM(build_image_encoder(preset), text, prompts, preset, centre_prompts=bool(config.get("centre_prompts", False)))
     try:
         model.load_state_dict(load_weights(run_dir / "model.safetensors"))
     except RuntimeError as error:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -99,6 +99,11 @@ class Stage1Config:
         learning_rate: AdamW learning rate; None uses the preset's.
         text_learning_rate_scale: the text backbone learns at this fraction of it (a
             pretrained encoder should move slowly).
+        freeze_text_encoder: keep the text backbone's weights fixed (only its projection
+            trains) and encode the prompts once; a CPU step with MiniLM then costs about
+            what one with the tiny encoder does.
+        centre_prompts: subtract the class prompts' mean pooled embedding before the
+            prompt-pixel heads (:class:`cps4_engine.models.vlm.VLM`).
         augment: apply the weak (geometric) augmentation to training batches.
         amp: mixed precision on CUDA.
         threshold: a class claims a pixel where its probability exceeds this (validation).
@@ -126,6 +131,8 @@ class Stage1Config:
     batch_size: int | None = None
     learning_rate: float | None = None
     text_learning_rate_scale: float = 0.1
+    freeze_text_encoder: bool = False
+    centre_prompts: bool = True
     augment: bool = True
     amp: bool = True
     threshold: float = 0.5
@@ -284,7 +291,12 @@ class Stage1Trainer:
         if (self.out / "config.json").exists() and not config.resume:
             raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
         if config.resume:
-            read_run_config(self.out, stage=1, scheme=self.scheme.name)
+            recorded = read_run_config(self.out, stage=1, scheme=self.scheme.name)
+            self.config = config = replace(
+                config,
+                centre_prompts=bool(recorded.get("centre_prompts", False)),
+                freeze_text_encoder=bool(recorded.get("text_encoder", {}).get("frozen", False)),
+            )
             if not (self.out / STATE_FILE).is_file():
                 raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
         self.split = self._split()
@@ -316,7 +328,11 @@ class Stage1Trainer:
                 "slice_size": list(self.preset.slice_size),
                 "intensity": "per-volume percentile scaling 0.5-99.5 to [0, 1]",
             },
-            "text_encoder": {"source": text_source, "requested": self.config.text_encoder, "folder": TEXT_FOLDER},
+            "text_encoder": {
+                "source": text_source, "requested": self.config.text_encoder, "folder": TEXT_FOLDER,
+                "frozen": self.config.freeze_text_encoder,
+            },
+            "centre_prompts": self.config.centre_prompts,
             "losses": asdict(self.config.loss_weights()),
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,
@@ -327,11 +343,13 @@ class Stage1Trainer:
     def build_model(self) -> VLM:
         """A freshly initialised model for this run's preset, prompts and text encoder."""
         text = load_text_encoder(self.config.text_encoder, embed_dim=self.preset.embed_dim, max_length=self.preset.text_max_length, seed=self.config.seed)
-        return VLM(build_image_encoder(self.preset), text, self.prompts, self.preset)
+        if self.config.freeze_text_encoder:
+            text.freeze_backbone()
+        return VLM(build_image_encoder(self.preset), text, self.prompts, self.preset, centre_prompts=self.config.centre_prompts)
 
     def _optimizer(self, model: VLM) -> torch.optim.Optimizer:
-        text_backbone = list(model.text_encoder.backbone.parameters())
-        text_ids = {id(parameter) for parameter in text_backbone}
+        text_backbone = [parameter for parameter in model.text_encoder.backbone.parameters() if parameter.requires_grad]
+        text_ids = {id(parameter) for parameter in model.text_encoder.backbone.parameters()}
         others = [parameter for parameter in model.parameters() if id(parameter) not in text_ids]
         return torch.optim.AdamW(
             [

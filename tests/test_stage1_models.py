@@ -69,3 +69,26 @@ def test_paper_preset_builds_a_vit_b16_unetr() -> None:
     assert type(encoder).__name__ == "UNETR"
     assert encoder.vit.patch_embedding.patch_embeddings.weight.shape[-2:] == (16, 16)
     assert len(encoder.vit.blocks) == 12 and 85e6 < sum(p.numel() for p in encoder.vit.parameters()) < 95e6
+
+
+def test_prompt_centring_subtracts_the_class_mean_from_class_and_free_prompts() -> None:
+    vlm = _tiny_vlm().eval()
+    encoded = vlm.encode_prompts([*PROMPTS, "a bright l3 vertebra"])
+    centred = vlm.head_prompts(encoded.pooled)
+    class_mean = encoded.pooled[:20].mean(dim=0)
+    assert torch.allclose(centred[:20].mean(dim=0), torch.zeros_like(class_mean), atol=1e-6)
+    assert torch.allclose(centred[20], encoded.pooled[20] - class_mean, atol=1e-6)
+    with torch.no_grad():
+        output = vlm(torch.rand(1, 1, 64, 32), encoded)
+    assert torch.allclose(output.prompt_embeddings, centred)
+    raw = torch.nn.functional.normalize(encoded.pooled[:20], dim=1)
+    shifted = torch.nn.functional.normalize(centred[:20], dim=1)
+    off_diagonal = ~torch.eye(20, dtype=torch.bool)
+    assert float((raw @ raw.T)[off_diagonal].mean()) > 0.5 > 0 > float((shifted @ shifted.T)[off_diagonal].mean())
+
+
+def test_without_centring_the_heads_see_the_raw_pooled_prompts() -> None:
+    preset = get_preset("tiny")
+    vlm = VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset, centre_prompts=False).eval()
+    encoded = vlm.encode_prompts()
+    assert torch.equal(vlm.head_prompts(encoded.pooled), encoded.pooled)

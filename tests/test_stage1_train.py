@@ -95,3 +95,21 @@ def test_pretrains_on_real_cases_of_the_index_layout(realdata, tmp_path) -> None
     events = list(iter_pretrain(_config(realdata / "vb3_l1l5_t1", tmp_path / "run", labeled=1, max_steps=2, train_cases=2, validation=1)))
     assert events[-1].kind == "end" and "1 labeled volumes (77 slices), 1 validation" in events[0].message
     assert np.isfinite(events[-1].metrics["dice"])
+
+
+def test_a_frozen_text_encoder_keeps_its_weights_and_the_run_records_its_choices(dataset, tmp_path) -> None:
+    from cps4_engine.checkpoint import load_weights
+    from cps4_engine.classmaps import load_vlm
+    from cps4_engine.models.text import load_text_encoder
+
+    run = tmp_path / "run"
+    list(iter_pretrain(_config(dataset, run, max_steps=3, freeze_text_encoder=True, centre_prompts=False)))
+    weights = load_weights(run / "model.safetensors")
+    original = load_text_encoder("tiny", embed_dim=16, seed=0).backbone.state_dict()
+    for name, value in original.items():
+        assert np.array_equal(weights[f"text_encoder.backbone.{name}"].numpy(), value.numpy()), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["text_encoder"]["frozen"] is True and config["centre_prompts"] is False
+    assert load_vlm(run).centre_prompts is False
+    resumed = list(iter_pretrain(_config(dataset, run, max_steps=5, resume=True)))
+    assert [event.step for event in resumed if event.kind == "step"] == [4, 5]

