@@ -4,8 +4,10 @@ For every dataset, seed and loss variant (both attention losses, no token loss, 
 loss, neither) this pretrains stage 1 on the training volumes (2 labeled, the seed picks
 them), then fuses the class maps of every test volume (``fusion.fuse_class_maps``) in the
 volume's own geometry and scores them with ``metrics.case_metrics`` (3D Dice per class,
-mean over the classes present, mean over cases). A text-encoder comparison reruns the
-"both" variant with the tiny randomly initialised text encoder.
+mean over the classes present, mean over cases). Comparisons rerun the "both" variant
+with the tiny randomly initialised text encoder (pretrained against random text), with
+uncentred prompt embeddings (``--centring compare``) and with the text backbone trained
+the other way (``--fine-tuning-comparison``: fine-tuned against fixed).
 
 Protocol (BENCHMARK_PROTOCOL.md):
 - ``synthetic``: ``cps4 synth DATA --cases 60 --seed 2026``; cases in file-name order,
@@ -71,7 +73,8 @@ class RunSpec:
         threads: torch CPU threads of the worker.
         labeled: labeled training volumes.
         validation_every: steps between validations (None: the preset's).
-        freeze_text: keep the text backbone fixed (``Stage1Config.freeze_text_encoder``).
+        freeze_text: keep the text backbone fixed (``Stage1Config.freeze_text_encoder``);
+            False fine-tunes it.
         centre_prompts: centre the pooled prompt embeddings (``Stage1Config.centre_prompts``).
     """
 
@@ -89,13 +92,13 @@ class RunSpec:
     threads: int
     labeled: int = 2
     validation_every: int | None = None
-    freeze_text: bool = False
+    freeze_text: bool = True
     centre_prompts: bool = True
 
     @property
     def text_label(self) -> str:
         name = "tiny (random)" if self.text_encoder == "tiny" else "MiniLM (pretrained)" if self.text_encoder in (None, "minilm") else self.text_encoder
-        return f"{name}, frozen" if self.freeze_text else name
+        return f"{name}, {'frozen' if self.freeze_text else 'fine-tuned'}"
 
     @property
     def variant_label(self) -> str:
@@ -268,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="synthetic,vb3", help="comma-separated of synthetic, vb3")
     parser.add_argument("--text-encoder", default=None, help="text encoder of the ablation (default: pretrained MiniLM)")
     parser.add_argument("--no-text-comparison", action="store_true", help="skip the random-text-encoder rerun of 'both'")
-    parser.add_argument("--freeze-text-encoder", action="store_true", help="every run keeps its text backbone fixed")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="every run fine-tunes its text backbone (default: fixed, only the projection trains)")
+    parser.add_argument("--fine-tuning-comparison", action="store_true",
+                        help="add a rerun of 'both' with the text backbone trained the other way (fixed <-> fine-tuned)")
     parser.add_argument("--centring", choices=("on", "off", "compare"), default="on",
                         help="centre the pooled prompt embeddings; 'compare' adds an uncentred rerun of 'both'")
     parser.add_argument("--synthetic", type=Path, help="synthetic dataset folder (default: OUT/synthetic, generated if missing)")
@@ -311,18 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     specs: list[RunSpec] = []
     for name, folder, train in datasets:
         for seed in seeds:
-            centred = args.centring != "off"
-            runs = [(variant, args.text_encoder, centred) for variant in variants]
+            centred, frozen = args.centring != "off", not args.train_text_encoder
+            runs = [(variant, args.text_encoder, centred, frozen) for variant in variants]
             if not args.no_text_comparison and args.text_encoder != "tiny":
-                runs.append(("both", "tiny", centred))
+                runs.append(("both", "tiny", centred, frozen))
             if args.centring == "compare":
-                runs.append(("both", args.text_encoder, False))
-            for variant, text, centre in runs:
+                runs.append(("both", args.text_encoder, False, frozen))
+            if args.fine_tuning_comparison:
+                runs.append(("both", args.text_encoder, centred, not frozen))
+            for variant, text, centre, freeze in runs:
                 text_tag = "tiny" if text == "tiny" else "default" if text is None else Path(text).name
-                tag = f"{name}_{variant}_{text_tag}{'_frozen' if args.freeze_text_encoder else ''}{'' if centre else '_raw'}_s{seed}"
+                tag = f"{name}_{variant}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}_s{seed}"
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
-                                     validation_every=args.validation_every, freeze_text=args.freeze_text_encoder,
+                                     validation_every=args.validation_every, freeze_text=freeze,
                                      centre_prompts=centre))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []

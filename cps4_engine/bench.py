@@ -91,7 +91,8 @@ class BenchSettings:
         timing_steps: steps of each method in the side-by-side step-time measurement.
         full_supervision: also run the full-supervision ceiling.
         text_encoder: stage-1 text encoder (None: the pretrained default).
-        freeze_text_encoder: stage 1 keeps the text backbone fixed (only its projection trains).
+        freeze_text_encoder: stage 1 keeps the text backbone fixed (only its projection
+            trains); False fine-tunes it.
         prompt_weight: weight of the prompt maps in CPS4's fused pseudo-labels.
         time_largest_real: also time prediction on the largest real volume.
         command: the command line that started the benchmark (recorded in the report).
@@ -110,7 +111,7 @@ class BenchSettings:
     timing_steps: int = 30
     full_supervision: bool = True
     text_encoder: str | None = None
-    freeze_text_encoder: bool = False
+    freeze_text_encoder: bool = True
     prompt_weight: float = 0.5
     time_largest_real: bool = True
     command: str = ""

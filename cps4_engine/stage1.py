@@ -100,8 +100,10 @@ class Stage1Config:
         text_learning_rate_scale: the text backbone learns at this fraction of it (a
             pretrained encoder should move slowly).
         freeze_text_encoder: keep the text backbone's weights fixed (only its projection
-            trains) and encode the prompts once; a CPU step with MiniLM then costs about
-            what one with the tiny encoder does.
+            trains) and encode the prompts once. The default: on ``vb3_l1l5_t1`` the
+            frozen pretrained MiniLM gave better class maps than the fine-tuned one
+            (BENCHMARKS.md), and a CPU step costs about what one with the tiny encoder
+            does. False fine-tunes the backbone at ``text_learning_rate_scale``.
         centre_prompts: subtract the class prompts' mean pooled embedding before the
             prompt-pixel heads (:class:`cps4_engine.models.vlm.VLM`).
         augment: apply the weak (geometric) augmentation to training batches.
@@ -131,7 +133,7 @@ class Stage1Config:
     batch_size: int | None = None
     learning_rate: float | None = None
     text_learning_rate_scale: float = 0.1
-    freeze_text_encoder: bool = False
+    freeze_text_encoder: bool = True
     centre_prompts: bool = True
     augment: bool = True
     amp: bool = True

@@ -47,8 +47,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--timing-steps", type=int, default=30,
                         help="steps of each method in the step-time comparison (default 30)")
     parser.add_argument("--text-encoder", help="stage-1 text encoder (default: the pretrained MiniLM when installed)")
-    parser.add_argument("--freeze-text-encoder", action="store_true",
-                        help="stage 1 keeps the text backbone fixed (only its projection trains)")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="stage 1 fine-tunes the text backbone (default: fixed, only its projection trains)")
     parser.add_argument("--prompt-weight", type=float, default=0.5,
                         help="weight of the class-prompt maps in CPS4's fused pseudo-labels (default 0.5)")
     parser.add_argument("--no-full-supervision", action="store_true", help="skip the full-supervision ceiling")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         protocols=tuple(PROTOCOLS[name] for name in args.datasets), jobs=args.jobs,
         realdata=args.realdata, timing_steps=args.timing_steps,
         full_supervision=not args.no_full_supervision, text_encoder=args.text_encoder,
-        freeze_text_encoder=args.freeze_text_encoder,
+        freeze_text_encoder=not args.train_text_encoder,
         prompt_weight=args.prompt_weight,
         command=" ".join(["cps4"] + [shlex.quote(a) for a in sys.argv[1:]]),
     )

@@ -31,9 +31,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--text-encoder", metavar="ID",
                         help="tiny, minilm, a Hugging Face model folder or hub id "
                              "(default: the pretrained MiniLM when installed, else tiny)")
-    parser.add_argument("--freeze-text-encoder", action="store_true",
-                        help="keep the text backbone's weights fixed (only its projection trains); "
-                             "prompts are encoded once, so a CPU step with MiniLM is several times faster")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="fine-tune the text backbone at a tenth of the learning rate (default: keep it "
+                             "fixed, train only its projection, and encode the prompts once)")
     parser.add_argument("--no-prompt-centring", action="store_true",
                         help="ablation: compare pixels with the raw pooled prompt embeddings instead of "
                              "their deviation from the class prompts' mean")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         contrastive_weight=args.contrastive_weight, prompt_template=args.prompt_template,
         train_cases=args.train_cases, validation=args.validation, batch_size=args.batch_size,
         learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp,
-        freeze_text_encoder=args.freeze_text_encoder, centre_prompts=not args.no_prompt_centring,
+        freeze_text_encoder=not args.train_text_encoder, centre_prompts=not args.no_prompt_centring,
     )
     cancel = CancelToken()
     return print_training_progress(iter_pretrain(config, cancel), cancel, "stage 1")
