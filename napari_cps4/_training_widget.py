@@ -23,6 +23,7 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -81,6 +82,11 @@ class TrainingWidget(QWidget):
         self.device_combo.addItems(["auto", *available_devices()])
         self.text_encoder_edit = QLineEdit()
         self.text_encoder_edit.setPlaceholderText("default: pretrained MiniLM; 'tiny'; a folder or hub id")
+        self.fine_tune_text_check = QCheckBox("Fine-tune the text encoder")
+        self.fine_tune_text_check.setToolTip(
+            "off (default): the text backbone stays fixed and only its projection trains, "
+            "which was better and several times faster in our benchmarks"
+        )
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
         self.vlm_edit = QLineEdit()
@@ -98,6 +104,7 @@ class TrainingWidget(QWidget):
         form.addRow("Device", self.device_combo)
         self.text_encoder_label = QLabel("Text encoder")
         form.addRow(self.text_encoder_label, self.text_encoder_edit)
+        form.addRow("", self.fine_tune_text_check)
         self.method_label = QLabel("Method")
         form.addRow(self.method_label, self.method_combo)
         self.vlm_label = QLabel("Stage-1 run")
@@ -145,7 +152,11 @@ class TrainingWidget(QWidget):
             "device": self.device_combo.currentText(),
         }
         if self._stage == 1:
-            return Stage1Config(text_encoder=self.text_encoder_edit.text().strip() or None, **common)
+            return Stage1Config(
+                text_encoder=self.text_encoder_edit.text().strip() or None,
+                freeze_text_encoder=not self.fine_tune_text_check.isChecked(),
+                **common,
+            )
         method = self.method_combo.currentText()
         vlm_text = self.vlm_edit.text().strip()
         if method == "cps4" and not vlm_text:
@@ -251,7 +262,7 @@ class TrainingWidget(QWidget):
 
     def _stage_changed(self, text: str) -> None:
         self._stage = STAGES[text]
-        for widget in (self.text_encoder_label, self.text_encoder_edit):
+        for widget in (self.text_encoder_label, self.text_encoder_edit, self.fine_tune_text_check):
             widget.setVisible(self._stage == 1)
         for widget in (self.method_label, self.method_combo, self.vlm_label, self.vlm_edit,
                        self.preview_label, self.preview_combo):

@@ -175,3 +175,13 @@ def test_cps4_without_stage1_run_is_refused_before_starting(make_napari_viewer, 
     with pytest.raises(CPS4Error, match="stage-1 run"):
         widget.start()
     assert widget.worker is None
+
+
+def test_the_text_encoder_is_fixed_unless_fine_tuning_is_ticked(make_napari_viewer, tiny_dataset, tmp_path) -> None:
+    widget = TrainingWidget(make_napari_viewer())
+    _configure(widget, tiny_dataset, tmp_path / "run", STAGE1, steps=2)
+    assert widget.build_config().freeze_text_encoder is True
+    widget.fine_tune_text_check.setChecked(True)
+    assert widget.build_config().freeze_text_encoder is False
+    widget.stage_combo.setCurrentText(STAGE2)
+    assert widget.fine_tune_text_check.isHidden()
