@@ -76,6 +76,7 @@ class RunSpec:
         freeze_text: keep the text backbone fixed (``Stage1Config.freeze_text_encoder``);
             False fine-tunes it.
         centre_prompts: centre the pooled prompt embeddings (``Stage1Config.centre_prompts``).
+        attention_weight: weight of each attention loss that the variant keeps.
     """
 
     dataset: str
@@ -94,6 +95,7 @@ class RunSpec:
     validation_every: int | None = None
     freeze_text: bool = True
     centre_prompts: bool = True
+    attention_weight: float = 1.0
 
     @property
     def text_label(self) -> str:
@@ -102,7 +104,8 @@ class RunSpec:
 
     @property
     def variant_label(self) -> str:
-        return self.variant if self.centre_prompts else f"{self.variant}, prompts not centred"
+        label = self.variant if self.attention_weight == 1.0 else f"{self.variant}, attention weight {self.attention_weight:g}"
+        return label if self.centre_prompts else f"{label}, prompts not centred"
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -124,6 +127,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
         train_cases=spec.train_cases, validation_every=spec.validation_every,
         freeze_text_encoder=spec.freeze_text, centre_prompts=spec.centre_prompts,
+        token_weight=spec.attention_weight, pixel_weight=spec.attention_weight,
     )
     if (Path(spec.out) / "config.json").is_file():
         planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
@@ -240,14 +244,65 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], command: str, machine: str) -> str:
-    """The summary as a markdown table, with the command and machine."""
+def paired_differences(results: list[dict[str, Any]], reference: tuple[str, str]) -> list[dict[str, Any]]:
+    """Each configuration's Dice minus the reference's, seed by seed.
+
+    A seed picks the labeled volumes and the initialisation, and between-seed spread is
+    large with 2 labeled volumes, so a difference measured within each seed says more
+    than two means ± sd side by side.
+
+    Args:
+        results: the runs (``run_one`` outputs).
+        reference: ``(variant_label, text)`` of the configuration to subtract.
+
+    Returns:
+        One row per (dataset, variant_label, text) other than the reference:
+        ``seeds`` (seeds both ran), ``mean`` and ``sd`` of the differences, ``wins``
+        (seeds where the configuration beat the reference).
+    """
+    by_key = {(r["dataset"], r["variant_label"], r["text"], r["seed"]): r["mean_dice"] for r in results}
+    rows = []
+    for dataset, variant, text in sorted({(r["dataset"], r["variant_label"], r["text"]) for r in results}):
+        if (variant, text) == reference:
+            continue
+        differences = [
+            by_key[(dataset, variant, text, seed)] - by_key[(dataset, *reference, seed)]
+            for (name, label, encoder, seed) in sorted(by_key)
+            if (name, label, encoder) == (dataset, variant, text) and (dataset, *reference, seed) in by_key
+        ]
+        if not differences:
+            continue
+        array = np.asarray(differences, dtype=float)
+        rows.append({
+            "dataset": dataset, "variant": variant, "text": text, "seeds": len(differences),
+            "mean": float(array.mean()), "sd": float(array.std(ddof=1)) if len(differences) > 1 else 0.0,
+            "wins": int((array > 0).sum()),
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], command: str, machine: str, paired: list[dict[str, Any]] | None = None,
+             reference: tuple[str, str] | None = None) -> str:
+    """The summary (and the paired differences) as markdown tables, with the command and machine."""
     lines = [
         "| dataset | losses | text encoder | seeds | fused class-map Dice (mean ± sd) |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['dataset']} | {row['variant']} | {row['text']} | {row['seeds']} | {100 * row['mean']:.2f} ± {100 * row['sd']:.2f} % |")
+    if paired and reference:
+        lines += [
+            "",
+            f"Paired by seed, minus '{reference[0]}' with {reference[1]}:",
+            "",
+            "| dataset | losses | text encoder | seeds | Dice difference (mean ± sd, points) | seeds better |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in paired:
+            lines.append(
+                f"| {row['dataset']} | {row['variant']} | {row['text']} | {row['seeds']} | "
+                f"{100 * row['mean']:+.2f} ± {100 * row['sd']:.2f} | {row['wins']} of {row['seeds']} |"
+            )
     return "\n".join(lines) + f"\n\nCommand: `{command}`  \nMachine: {machine}\n"
 
 
@@ -273,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-text-comparison", action="store_true", help="skip the random-text-encoder rerun of 'both'")
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="every run fine-tunes its text backbone (default: fixed, only the projection trains)")
+    parser.add_argument("--attention-weight", type=float, default=1.0,
+                        help="weight of the token- and pixel-level attention losses where a variant keeps them (default 1)")
     parser.add_argument("--fine-tuning-comparison", action="store_true",
                         help="add a rerun of 'both' with the text backbone trained the other way (fixed <-> fine-tuned)")
     parser.add_argument("--centring", choices=("on", "off", "compare"), default="on",
@@ -327,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("both", args.text_encoder, centred, not frozen))
             for variant, text, centre, freeze in runs:
                 text_tag = "tiny" if text == "tiny" else "default" if text is None else Path(text).name
-                tag = f"{name}_{variant}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}_s{seed}"
+                weight_tag = "" if args.attention_weight == 1.0 else f"_w{args.attention_weight:g}"
+                tag = f"{name}_{variant}{weight_tag}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}_s{seed}"
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
                                      validation_every=args.validation_every, freeze_text=freeze,
-                                     centre_prompts=centre))
+                                     centre_prompts=centre, attention_weight=args.attention_weight))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []
     if args.jobs > 1:
@@ -353,9 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(part) for part in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     machine = _machine(args.device)
     rows = summarise(results)
-    payload = {"command": command, "machine": machine, "summary": rows, "throughput": throughput, "runs": results}
+    prototype = RunSpec("", "", 0, None, "both", args.text_encoder, 0, "", None, "", "", 1,
+                        freeze_text=not args.train_text_encoder, centre_prompts=args.centring != "off",
+                        attention_weight=args.attention_weight)
+    reference = (prototype.variant_label, prototype.text_label)
+    paired = paired_differences(results, reference)
+    payload = {"command": command, "machine": machine, "summary": rows, "paired_differences": paired,
+               "reference": list(reference), "throughput": throughput, "runs": results}
     (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=lambda value: None) + "\n")
-    table = markdown(rows, command, machine)
+    table = markdown(rows, command, machine, paired, reference)
     if throughput:
         table += "\n| preset | mixed precision | batch | training slices/s |\n|---|---|---|---|\n" + "".join(
             f"| {e['preset']} | {e.get('amp_dtype', 'off') if e['amp'] else 'off'} | {e['batch_size']} | {e['slices_per_second']:.1f} |\n"

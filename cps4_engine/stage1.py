@@ -256,6 +256,12 @@ def _check_config(config: Stage1Config) -> None:
         raise CPS4Error(f"--max-steps {config.max_steps} must be at least 1")
     if not 0.0 < config.threshold < 1.0:
         raise CPS4Error(f"threshold {config.threshold} must lie strictly between 0 and 1")
+    for name in ("alignment", "token", "pixel", "contrastive"):
+        weight = getattr(config, f"{name}_weight")
+        if not math.isfinite(weight) or weight < 0:
+            raise CPS4Error(f"--{name}-weight {weight} must be a finite number >= 0")
+    if sum(asdict(config.loss_weights()).values()) <= 0:
+        raise CPS4Error("every stage-1 loss weight is 0; nothing would be trained")
 
 
 def _learning_rate_factor(step: int, max_steps: int) -> float:

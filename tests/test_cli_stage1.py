@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 
@@ -14,8 +16,12 @@ def test_pretrain_then_inspect_prompt_writes_a_heatmap_in_the_image_geometry(tmp
     run = tmp_path / "run"
     status = main(["pretrain", str(tmp_path / "data"), "--labeled", "1", "--out", str(run), "--preset", "tiny",
                    "--max-steps", "3", "--device", "cpu", "--text-encoder", "tiny", "--validation", "0",
-                   "--no-token-loss", "--prompt-template", "an MR slice showing the {name}"])
+                   "--no-token-loss", "--prompt-template", "an MR slice showing the {name}",
+                   "--pixel-weight", "0.5", "--train-text-encoder", "--no-prompt-centring"])
     assert status == 0 and (run / "model.safetensors").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["losses"]["pixel"] == 0.5 and config["losses"]["token"] == 0.0
+    assert config["text_encoder"]["frozen"] is False and config["centre_prompts"] is False
     assert "stage 1 done" in capsys.readouterr().out
     image = sorted((tmp_path / "data" / "MR").iterdir())[1]
     heat_path = tmp_path / "heat.nii.gz"

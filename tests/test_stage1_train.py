@@ -88,6 +88,10 @@ def test_bad_runs_and_datasets_are_one_line_errors(dataset, tmp_path) -> None:
         pretrain(_config(unlabeled, tmp_path / "never"))
     with pytest.raises(CPS4Error, match="--labeled 0"):
         pretrain(_config(dataset, tmp_path / "never", labeled=0))
+    with pytest.raises(CPS4Error, match="--token-weight -1.0 must be a finite number >= 0"):
+        pretrain(_config(dataset, tmp_path / "never", token_weight=-1.0))
+    with pytest.raises(CPS4Error, match="every stage-1 loss weight is 0"):
+        pretrain(_config(dataset, tmp_path / "never", alignment_weight=0.0, token_loss=False, pixel_loss=False))
     assert not (tmp_path / "never").exists()
 
 

@@ -42,6 +42,10 @@ def register(subparsers: Any) -> None:
                              "(default: 'a sagittal T2-weighted MR image of the {name}')")
     parser.add_argument("--no-token-loss", action="store_true", help="ablation: drop the token-level attention loss")
     parser.add_argument("--no-pixel-loss", action="store_true", help="ablation: drop the pixel-level attention loss")
+    parser.add_argument("--token-weight", type=float, default=1.0, help="weight of the token-level attention loss (default 1)")
+    parser.add_argument("--pixel-weight", type=float, default=1.0, help="weight of the pixel-level attention loss (default 1)")
+    parser.add_argument("--alignment-weight", type=float, default=1.0,
+                        help="weight of the dense prompt-pixel alignment (default 1)")
     parser.add_argument("--contrastive-weight", type=float, default=0.0,
                         help="weight of the image-text contrastive term (default 0: off)")
     parser.add_argument("--no-augment", action="store_true", help="no geometric augmentation")
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, labeled=args.labeled, preset=args.preset, max_steps=args.max_steps,
         device=args.device, text_encoder=args.text_encoder, seed=args.seed, resume=args.resume,
         token_loss=not args.no_token_loss, pixel_loss=not args.no_pixel_loss,
+        token_weight=args.token_weight, pixel_weight=args.pixel_weight, alignment_weight=args.alignment_weight,
         contrastive_weight=args.contrastive_weight, prompt_template=args.prompt_template,
         train_cases=args.train_cases, validation=args.validation, batch_size=args.batch_size,
         learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp,
