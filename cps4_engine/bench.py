@@ -39,6 +39,7 @@ import numpy as np
 
 from cps4_engine.checkpoint import write_json_atomically
 from cps4_engine.errors import CPS4Error
+from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
 SEMI_SUPERVISED = ("mean-teacher", "cps4")
 METHOD_ORDER = ("supervised", "mean-teacher", "cps4")
@@ -112,7 +113,7 @@ class BenchSettings:
     full_supervision: bool = True
     text_encoder: str | None = None
     freeze_text_encoder: bool = True
-    prompt_weight: float = 0.5
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT
     time_largest_real: bool = True
     command: str = ""
 

@@ -71,7 +71,7 @@ from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import combine_with_teacher
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import IGNORE_INDEX, SliceStack, class_validity, labels_for_ce, prepare_volume
-from cps4_engine.presets import Preset, get_preset
+from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT, Preset, get_preset
 
 METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
 PSEUDO_LABEL_SOURCES: tuple[str, ...] = ("teacher", "prompt", "fused")
@@ -132,7 +132,7 @@ class Stage2Config:
     pseudo_label: str | None = None
     confidence_threshold: float = 0.8
     prompt_threshold: float = 0.5
-    prompt_weight: float = 0.5
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT
     ema_decay: float = 0.99
     unsupervised_weight: float = 1.0
     rampup_fraction: float = 0.4

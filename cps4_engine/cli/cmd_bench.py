@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -49,8 +51,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--text-encoder", help="stage-1 text encoder (default: the pretrained MiniLM when installed)")
     parser.add_argument("--train-text-encoder", action="store_true",
                         help="stage 1 fine-tunes the text backbone (default: fixed, only its projection trains)")
-    parser.add_argument("--prompt-weight", type=float, default=0.5,
-                        help="weight of the class-prompt maps in CPS4's fused pseudo-labels (default 0.5)")
+    parser.add_argument("--prompt-weight", type=float, default=DEFAULT_PROMPT_WEIGHT,
+                        help="weight of the class-prompt maps in CPS4's fused pseudo-labels (default %(default)s)")
     parser.add_argument("--no-full-supervision", action="store_true", help="skip the full-supervision ceiling")
     parser.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cps4_engine.cli._options import add_training_run_options
+from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
 METHOD_CHOICES = ("supervised", "mean-teacher", "cps4")
 PSEUDO_LABEL_CHOICES = ("teacher", "prompt", "fused")
@@ -38,8 +39,8 @@ def register(subparsers: Any) -> None:
                         help="cps4 pseudo-labels from the teacher, the prompt maps, or both (default fused)")
     parser.add_argument("--confidence-threshold", type=float, default=0.8,
                         help="ignore pseudo-labeled pixels less confident than this (default 0.8)")
-    parser.add_argument("--prompt-weight", type=float, default=0.5,
-                        help="weight of the class-prompt maps in fused pseudo-labels, 0-1 (default 0.5)")
+    parser.add_argument("--prompt-weight", type=float, default=DEFAULT_PROMPT_WEIGHT,
+                        help="weight of the class-prompt maps in fused pseudo-labels, 0-1 (default %(default)s)")
     parser.add_argument("--prompt-threshold", type=float, default=0.5,
                         help="a class-prompt map claims a pixel above this probability (default 0.5)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="teacher EMA decay (default 0.99)")
