@@ -19,11 +19,11 @@ from typing import Literal
 
 from cps4_engine.errors import CPS4Error
 
-# At 0.5 the fused pseudo-labels were worse than the teacher's alone on both benchmark sets
-# (vb3, 1 labeled: 0.41 vs 0.46 Dice against the hidden truth); at 0.25 they matched it
-# (0.47 vs 0.47 with 1 labeled, 0.53 vs 0.52 with 2), because the class-prompt maps are weaker than the
-# teacher on their own (BENCHMARKS.md).
-DEFAULT_PROMPT_WEIGHT = 0.25  # CPS4's share of the class-prompt maps in fused pseudo-labels
+# CPS4's share of the class-prompt maps in fused pseudo-labels. At 0.5 the fused labels were
+# worse than the teacher's alone (vb3, 3 seeds: 0.41 vs 0.46 Dice against the hidden truth
+# with 1 labeled volume, 0.48 vs 0.53 with 2); at 0.25 they matched it (0.47 vs 0.47,
+# 0.53 vs 0.52), the class-prompt maps alone being weaker than the teacher (BENCHMARKS.md).
+DEFAULT_PROMPT_WEIGHT = 0.25
 
 EncoderKind = Literal["unet", "unetr"]
 

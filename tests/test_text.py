@@ -117,3 +117,14 @@ def test_a_frozen_backbone_is_encoded_once_and_only_the_projection_learns() -> N
     assert float(encoder.projection.weight.grad.abs().sum()) > 0
     encoder.encode(["s1 sacrum"])
     assert len(calls) == 2
+
+
+def test_loading_weights_into_a_frozen_encoder_drops_its_cached_states() -> None:
+    prompts = ["l3 vertebra", "l4 vertebra"]
+    encoder = load_text_encoder("tiny", embed_dim=8, seed=1).freeze_backbone()
+    before = encoder.encode(prompts).pooled.detach().clone()
+    other = load_text_encoder("tiny", embed_dim=8, seed=2)
+    encoder.load_state_dict(other.state_dict())
+    after = encoder.encode(prompts).pooled
+    assert torch.allclose(after, other.eval().encode(prompts).pooled, atol=1e-6)
+    assert not torch.allclose(after, before)

@@ -106,6 +106,7 @@ class TextEncoder(nn.Module):
         backbone.get_input_embeddings().requires_grad_(False)
         self.backbone_frozen = False
         self._frozen_states: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._frozen_states.clear())
 
     def freeze_backbone(self) -> "TextEncoder":
         """Freeze the whole backbone (the projection still trains); returns ``self``."""
