@@ -17,7 +17,13 @@ Protocol (BENCHMARK_PROTOCOL.md):
 
 Full run (GPU machine)::
 
-    python benchmarks/stage1_ablation.py --device cuda --preset cpu --jobs 8 --out bench/stage1
+    python benchmarks/stage1_ablation.py --device cuda --preset cpu --jobs 8 --out bench/stage1 \
+        --centring compare --fine-tuning-comparison
+
+CPU run of BENCHMARKS.md (15 min on 2 cores)::
+
+    python benchmarks/stage1_ablation.py --device cpu --preset tiny --max-steps 600 \
+        --validation-every 300 --text-encoder minilm --centring compare --jobs 2 --out OUT
 
 Smoke run (CPU, a minute)::
 
@@ -29,8 +35,10 @@ default ``paper``) on random slices, with and without mixed precision, and repor
 slices per second (``--datasets none`` times only that).
 
 Finished runs under ``OUT/runs`` are reused and unfinished ones resumed, so an interrupted
-benchmark continues where it stopped. Writes ``results.json`` (every run, per-case Dice, the summary, throughput, the command
-and machine) and ``results.md`` (mean +- sd over seeds).
+benchmark continues where it stopped. Writes ``results.json`` (every run, per-case Dice,
+the summary, the paired differences, throughput, the command and machine) and
+``results.md`` (mean +- sd over seeds, and each configuration minus the reference "both"
+seed by seed).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import numpy as np
 
 VARIANTS = {"both": (True, True), "no-token": (False, True), "no-pixel": (True, False), "neither": (False, False)}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TIE_TOLERANCE = 1e-4  # Dice differences below 0.01 points count as ties, not wins
 
 
 @dataclass
@@ -258,7 +267,8 @@ def paired_differences(results: list[dict[str, Any]], reference: tuple[str, str]
     Returns:
         One row per (dataset, variant_label, text) other than the reference:
         ``seeds`` (seeds both ran), ``mean`` and ``sd`` of the differences, ``wins``
-        (seeds where the configuration beat the reference).
+        (seeds where the configuration beat the reference by more than
+        :data:`TIE_TOLERANCE`).
     """
     by_key = {(r["dataset"], r["variant_label"], r["text"], r["seed"]): r["mean_dice"] for r in results}
     rows = []
@@ -276,7 +286,7 @@ def paired_differences(results: list[dict[str, Any]], reference: tuple[str, str]
         rows.append({
             "dataset": dataset, "variant": variant, "text": text, "seeds": len(differences),
             "mean": float(array.mean()), "sd": float(array.std(ddof=1)) if len(differences) > 1 else 0.0,
-            "wins": int((array > 0).sum()),
+            "wins": int((array > TIE_TOLERANCE).sum()),
         })
     return rows
 
