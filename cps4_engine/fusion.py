@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
+
 NUM_FOREGROUND = 19
 NUM_CLASSES = NUM_FOREGROUND + 1
 
@@ -130,7 +132,7 @@ def combine_with_teacher(
     prompt_probs: torch.Tensor,
     mode: CombineMode = "fused",
     threshold: float = 0.5,
-    prompt_weight: float = 0.5,
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT,
     class_dim: int = 0,
 ) -> PseudoLabels:
     """Form pseudo-labels from the teacher's softmax, the prompt maps, or both.

@@ -286,7 +286,7 @@ def pseudo_labels(
     mode: str,
     confidence_threshold: float,
     prompt_threshold: float = 0.5,
-    prompt_weight: float = 0.5,
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels and the mask of pixels confident enough to learn from.
 

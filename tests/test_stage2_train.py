@@ -150,8 +150,10 @@ def test_fused_pseudo_labels_let_a_confident_prompt_overrule_an_unsure_teacher()
     given = torch.zeros(1, 1, 1, dtype=torch.int64)
     painted = torch.zeros(1, 20, dtype=torch.bool)
     teacher_labels, _ = pseudo_labels(teacher, prompt, given, painted, "teacher", 0.0)
-    fused_labels, _ = pseudo_labels(teacher, prompt, given, painted, "fused", 0.0)
+    fused_labels, _ = pseudo_labels(teacher, prompt, given, painted, "fused", 0.0, prompt_weight=0.5)
     assert teacher_labels.item() == 0 and fused_labels.item() == 4
+    default_labels, _ = pseudo_labels(teacher, prompt, given, painted, "fused", 0.0)
+    assert default_labels.item() == 0  # at the default weight 0.25 a 0.62 teacher holds
 
 
 def test_partial_mask_does_not_teach_that_unpainted_pixels_are_background() -> None:
