@@ -102,7 +102,7 @@ class Stage1Config:
         freeze_text_encoder: keep the text backbone's weights fixed (only its projection
             trains) and encode the prompts once. The default: on ``vb3_l1l5_t1`` the
             fixed pretrained MiniLM gave better class maps than the fine-tuned one, which
-            collapsed in 2 of 3 seeds, and a CPU step is about 6 times cheaper
+            diverged in 2 of 3 seeds, and a CPU step is about 6 times cheaper
             (BENCHMARKS.md). False fine-tunes the backbone at ``text_learning_rate_scale``.
         centre_prompts: subtract the class prompts' mean pooled embedding before the
             prompt-pixel heads (:class:`cps4_engine.models.vlm.VLM`).
