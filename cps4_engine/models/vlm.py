@@ -10,8 +10,9 @@ maps use only the 19 foreground channels (class ``c`` at channel ``c - 1``).
   scale and bias; ``sigmoid(logit)`` is the probability that the pixel belongs to the
   prompt's class.
 - Prompt centring (on by default): the class prompts of a scheme differ in one word ("L3"
-  against "L4"), so their pooled embeddings share a large common component (pooled MiniLM
-  embeddings of the 20 prompts have a mean pairwise cosine of 0.78, up to 0.98). The heads
+  against "L4"), so their pooled embeddings share a large common component (projected
+  pooled MiniLM embeddings of the 20 prompts have a mean pairwise cosine of 0.83, up to
+  0.99; ``benchmarks/stage1_diagnostics.py prompts``). The heads
   therefore see each pooled embedding minus the mean over the class prompts; a free-text
   prompt has the same class mean subtracted, so it is compared in the same frame.
 - :class:`TokenCrossAttention`: every pixel (query) attends over every token (key) of
