@@ -150,9 +150,11 @@ class TextEncoder(nn.Module):
         Returns:
             The projected token embeddings, mask and pooled embeddings.
         """
+        return self._project(self._backbone_states(input_ids, attention_mask), attention_mask.bool())
+
+    def _backbone_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self._project(states, attention_mask.bool())
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def _project(self, states: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         tokens = self.projection(states)
@@ -169,9 +171,7 @@ class TextEncoder(nn.Module):
         cached = self._frozen_states.get(key)
         if cached is None or cached[0].device != device:
             tokenized = self.tokenize(texts)
-            with torch.no_grad():
-                states = self.backbone(**tokenized).last_hidden_state
-            cached = (states, tokenized["attention_mask"].bool())
+            cached = (self._backbone_states(**tokenized), tokenized["attention_mask"].bool())
             if len(self._frozen_states) >= FROZEN_CACHE_SIZE:
                 self._frozen_states.clear()
             self._frozen_states[key] = cached
