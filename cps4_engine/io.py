@@ -1,8 +1,10 @@
 """NIfTI volumes with their geometry, atomic saves, and sagittal slicing.
 
-Reading validates everything a user can get wrong (missing file, not NIfTI, truncated
-gzip, wrong number of dimensions, NaN/inf intensities, non-integer labels) and raises a
-one-line :class:`~cps4_engine.errors.CPS4Error` naming the file.
+Reading validates everything a user or a broken scanner export can get wrong (missing
+file, not NIfTI, truncated or corrupt gzip, header fields that would invent a geometry,
+impossible dimensions, wrong number of dimensions, NaN/inf intensities, label values
+that are not class ids) and raises a one-line :class:`~cps4_engine.errors.CPS4Error`
+naming the file; :func:`header_notes` says what is merely unusual about a header.
 
 Display orientation of sagittal slices (:func:`to_sagittal`): the output array is
 ``(S, rows, cols)``. ``S`` runs along the voxel axis the affine says is left-right, in the
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import nibabel as nib
 import numpy as np
@@ -30,9 +33,17 @@ from nibabel.spatialimages import HeaderDataError
 
 from cps4_engine.errors import CPS4Error
 
+if TYPE_CHECKING:
+    from cps4_engine.labels import LabelScheme
+
 VolumeKind = Literal["image", "label"]
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MTIME = 0
+_NIFTI2_HEADER_BYTES = 544
+# Spacing below a micrometre, or voxel axes this close to collinear, is a broken header.
+_MIN_SPACING_MM = 1e-3
+_COLLINEAR = 1e-6
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @contextlib.contextmanager
@@ -230,35 +241,143 @@ class Volume:
         return to_sagittal(self.array, self.affine)
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise CPS4Error("file not found", path=path)
     if not path.is_file():
         raise CPS4Error("is a folder, expected a NIfTI file (.nii or .nii.gz)", path=path)
     if not is_nifti_path(path):
         raise CPS4Error("not a NIfTI file (expected .nii or .nii.gz)", path=path)
+
+
+def _open_stream(path: Path):
+    """The file's decompressed bytes, whatever its suffix says (nibabel sniffs the same way)."""
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def _raw_header(path: Path) -> nib.Nifti1Header:
+    """The header exactly as stored: nibabel's loader silently "fixes" zero or negative
+    pixdims, so the checks must see the fields before it does."""
+    try:
+        with _open_stream(path) as stream:
+            start = stream.read(_NIFTI2_HEADER_BYTES)
+    except (OSError, EOFError, zlib.error) as error:
+        raise CPS4Error(f"not a readable NIfTI file ({_short(error)})", path=path) from None
+    header_size = {int.from_bytes(start[:4], order) for order in ("little", "big")}
+    header_class = nib.Nifti1Header if 348 in header_size else nib.Nifti2Header if 540 in header_size else None
+    if header_class is None or len(start) < header_class.sizeof_hdr:
+        raise CPS4Error("not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)", path=path)
+    # Only the fixed fields: extensions are nibabel's business when it loads the file.
+    fields = start[: header_class.sizeof_hdr] + bytes(4)
+    try:
+        return header_class.from_fileobj(io.BytesIO(fields), check=False)
+    except (HeaderDataError, ValueError, EOFError) as error:
+        raise CPS4Error(f"not a readable NIfTI header ({_short(error)})", path=path) from None
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_header(header: nib.Nifti1Header, path: Path) -> None:
+    """Refuse headers that would give invented geometry or an unreadable array."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) >= 3 and any(n <= 0 for n in shape):
+        raise CPS4Error(f"has a dimension of 0 (shape {'x'.join(map(str, shape))}); no voxels to read", path=path)
+    needed = int(np.prod(shape, dtype=np.float64) * max(header.get_data_dtype().itemsize, 8))
+    if needed > _memory_bytes():
+        raise CPS4Error(
+            f"declares {'x'.join(map(str, shape))} voxels ({needed / 2**30:.0f} GiB to read), more than "
+            f"this machine's {_memory_bytes() / 2**30:.0f} GiB of memory; the header is probably corrupt",
+            path=path,
+        )
+    if header["magic"] in (b"n+1", b"n+2"):
+        header_end = int(header["sizeof_hdr"]) + 4
+        if not np.isfinite(header["vox_offset"]) or float(header["vox_offset"]) < header_end:
+            raise CPS4Error(
+                f"vox_offset {float(header['vox_offset']):g} points inside the header (voxels start at "
+                f"byte {header_end} or later)",
+                path=path,
+            )
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code == 0 and qform_code == 0:
+        raise CPS4Error(
+            "has no usable sform or qform (both codes are 0), so its orientation is unknown; "
+            "write the scanner geometry into the header",
+            path=path,
+        )
+    if sform_code > 0:
+        _check_affine(header.get_sform(), "sform", path)
+    else:
+        spacing = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise CPS4Error(
+                f"qform voxel spacing (pixdim) {', '.join(f'{v:g}' for v in spacing)} must be positive "
+                "and finite",
+                path=path,
+            )
+        quaternion = np.asarray([header[k] for k in ("quatern_b", "quatern_c", "quatern_d",
+                                                     "qoffset_x", "qoffset_y", "qoffset_z")], np.float64)
+        if not np.all(np.isfinite(quaternion)):
+            raise CPS4Error("qform holds NaN or infinite values", path=path)
+        _check_affine(header.get_qform(), "qform", path)
+
+
+def _check_affine(affine: np.ndarray, name: str, path: Path) -> None:
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise CPS4Error(f"{name} holds NaN or infinite values", path=path)
+    columns = affine[:3, :3]
+    lengths = np.linalg.norm(columns, axis=0)
+    if np.any(lengths < _MIN_SPACING_MM) or abs(np.linalg.det(columns)) < _COLLINEAR * np.prod(lengths):
+        raise CPS4Error(
+            f"{name} is singular (voxel spacing {', '.join(f'{v:g}' for v in lengths)} mm or collinear "
+            "axes); the voxel axes have no anatomical direction",
+            path=path,
+        )
+
+
+def read_header(path: str | Path) -> nib.Nifti1Image:
+    """Open a NIfTI file lazily (header only) after the header checks of :func:`read_volume`.
+
+    Returns:
+        The nibabel image; its ``shape`` and ``affine`` are trustworthy, its voxels unread.
+    """
+    path = Path(path)
+    _check_file(path)
+    _check_header(_raw_header(path), path)
     try:
         image = nib.load(str(path))
     except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as error:
-        if _gzip_is_truncated(path):
-            raise CPS4Error("file is truncated (the gzip stream ends early)", path=path) from None
         raise CPS4Error(f"not a readable NIfTI file ({_short(error)})", path=path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CPS4Error("not a NIfTI file", path=path)
     return image
 
 
-def _gzip_is_truncated(path: Path) -> bool:
-    """Whether ``path`` is a gzip stream that stops before its end marker."""
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """Header checks, then the whole file in memory: a gzip stream read to its end has its
+    CRC checked, so flipped bytes are refused instead of read as voxels."""
+    _check_file(path)
+    header = _raw_header(path)
+    _check_header(header, path)
     try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 20):
-                pass
+        with _open_stream(path) as stream:
+            data = stream.read()
     except EOFError:
-        return True
-    except (OSError, zlib.error):
-        return False
-    return False
+        raise CPS4Error("file is truncated (the gzip stream ends early)", path=path) from None
+    except (OSError, zlib.error) as error:
+        raise CPS4Error(f"file is corrupt ({_short(error)})", path=path) from None
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    try:
+        return image_class.from_bytes(data)
+    except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError) as error:
+        raise CPS4Error(f"not a readable NIfTI file ({_short(error)})", path=path) from None
 
 
 def _short(error: BaseException) -> str:
@@ -266,20 +385,24 @@ def _short(error: BaseException) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
-def read_volume(path: str | Path, kind: VolumeKind = "image") -> Volume:
+def read_volume(path: str | Path, kind: VolumeKind = "image", scheme: LabelScheme | None = None) -> Volume:
     """Read and validate a 3D NIfTI volume.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
         kind: ``"image"`` (intensities must be finite) or ``"label"`` (values must be
-            integers; stored as an integer dtype).
+            non-negative integers; returned in the smallest integer dtype holding them).
+        scheme: for labels, the values must also be ids of this scheme.
 
     Returns:
         The volume. A 4D file with one trailing volume (``X, Y, Z, 1``) is squeezed to 3D.
 
     Raises:
-        CPS4Error: missing, not NIfTI, truncated or corrupt, not 3D, NaN/inf intensities,
-            or non-integer label values; the message names the file.
+        CPS4Error: missing, not NIfTI, truncated or corrupt (a gzip CRC is checked), not
+            3D, a dimension of 0 or more voxels than memory holds, ``vox_offset`` inside
+            the header, no sform/qform or a singular/non-finite one, zero or negative
+            spacing, NaN/inf intensities or beyond float32, label values negative,
+            non-integer, too large or outside ``scheme``; the message names the file.
     """
     path = Path(path)
     image = _load_nifti(path)
@@ -300,22 +423,36 @@ def read_volume(path: str | Path, kind: VolumeKind = "image") -> Volume:
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise CPS4Error(f"{bad} voxels are NaN or infinite", path=path)
+    if array.size and np.issubdtype(array.dtype, np.floating) and np.abs(array).max() > _FLOAT32_MAX:
+        # A huge scl_slope: every model computes in float32, where these become inf.
+        raise CPS4Error(
+            f"intensities reach {np.abs(array).max():.3g}, beyond 32-bit floats "
+            f"(scl_slope {float(image.header['scl_slope']):g})",
+            path=path,
+        )
     if kind == "label":
         array = _integer_labels(array, path)
+        if scheme is not None:
+            scheme.check_values(np.unique(array).tolist(), path)
     affine = np.asarray(image.affine, dtype=np.float64)
     axis_codes(affine, path)
     return Volume(array=array, affine=affine, path=path)
 
 
 def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
+    """Class ids in the smallest integer type that holds them, so that no later cast to
+    int32 (torch indices, napari) can wrap a value such as 2**33 + 3 into a valid id."""
     if np.issubdtype(array.dtype, np.bool_):
         return array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer):
-        return array
-    if not np.array_equal(array, np.round(array)):
+    if not array.size:
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
         raise CPS4Error("label volume holds non-integer values; expected class ids", path=path)
-    if array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max:
-        raise CPS4Error("label values do not fit in 32-bit integers", path=path)
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise CPS4Error(f"label volume holds negative value {low:.15g}; class ids are 0 or more", path=path)
+    if high > np.iinfo(np.int32).max:
+        raise CPS4Error(f"label value {high:.15g} is too large to be a class id", path=path)
     return array.astype(_smallest_int_dtype(array))
 
 

@@ -30,12 +30,26 @@ Rules:
   A case whose mask is ``complete`` (every voxel's class is known) is never changed by
   the machine.
 - **Nothing is lost.** Every label change writes a new version file; old versions stay.
+  Version numbers are taken by exclusive creation (:class:`LabelVersions`), so no file
+  is ever rewritten, whoever else writes.
+- **Several writers.** Two docks, a dock and the CLI, or two processes may hold the same
+  workspace. Every change takes an exclusive lock on ``.workspace.lock`` (``fcntl.flock``;
+  the system drops it when a writer dies), reloads the manifest from disk, applies the
+  change to that fresh manifest, writes the label file and then the manifest, and only
+  then lets go. So no save can undo another's; :meth:`Workspace.reload` brings an open
+  workspace's in-memory view up to date for reading.
 - **Crash-safe saves.** Label files and the manifest are written to a temporary file and
   renamed (:func:`cps4_engine.io.atomic_write`); the label file is written before the
   manifest that points to it, and the previous manifest is kept as
   ``workspace.json.prev``. A writer killed at any moment leaves a manifest that loads
   and points to complete label files; :meth:`Workspace.open` falls back to
-  ``workspace.json.prev`` if ``workspace.json`` is missing or unreadable.
+  ``workspace.json.prev`` if ``workspace.json`` is missing or unreadable, and (under the
+  lock, so never under a live writer's feet) removes what killed saves left behind:
+  ``.tmp-*`` files and label versions no manifest refers to.
+- **One review vocabulary.** A class is ``machine`` (not reviewed; the review dock says
+  *pending*), ``accepted``, ``corrected`` (*needs edit*) or ``rejected``; see
+  :data:`CLASS_STATUSES`, :data:`STATUS_LABELS` and :func:`class_status`, which also
+  reads the older names.
 - **Versioned schema.** A manifest from a newer version of the program is refused with a
   one-line error; an older one is migrated on open (schema 1: cases as a list with plain
   status strings and a list of label files).
@@ -43,28 +57,45 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 
 from cps4_engine.active.queue import CaseUncertainty
 from cps4_engine.errors import CPS4Error
-from cps4_engine.io import atomic_write, read_volume, write_text_atomic, write_volume
+from cps4_engine.geometry import Grid, check_same_grid
+from cps4_engine.io import atomic_write, nifti_bytes, read_header, read_volume, write_text_atomic, write_volume
 from cps4_engine.labels import LabelScheme
 
 SCHEMA_VERSION = 2
 FORMAT = "cps4-workspace"
 MANIFEST = "workspace.json"
 PREVIOUS_MANIFEST = "workspace.json.prev"
+LOCK_FILE = ".workspace.lock"
+LABELS_FOLDER = "labels"
+
+#: The review statuses of a class: the one vocabulary of the engine, the CLI and the docks.
+#: ``machine``: a pseudo-label nobody reviewed; ``accepted``: a human approved the
+#: machine's voxels; ``corrected``: a human changed or painted them; ``rejected``: a human
+#: said they are wrong (unknown until corrected).
 CLASS_STATUSES = ("machine", "accepted", "corrected", "rejected")
 HUMAN_STATUSES = ("accepted", "corrected")
+#: What the widgets show for each status.
+STATUS_LABELS = {"machine": "pending", "accepted": "accepted", "corrected": "needs edit", "rejected": "rejected"}
+#: Older names, still read: the review dock's words and other spellings.
+STATUS_ALIASES = {"pending": "machine", "unreviewed": "machine", "needs edit": "corrected",
+                  "needs_edit": "corrected", "needs-edit": "corrected"}
 CASE_ROLES = ("train", "heldout")
 
 ClassStatusName = Literal["machine", "accepted", "corrected", "rejected"]
@@ -97,6 +128,73 @@ class ClassStatus:
     def is_human(self) -> bool:
         """True for accepted and corrected classes."""
         return self.status in HUMAN_STATUSES
+
+
+def class_status(name: str) -> ClassStatusName:
+    """The canonical status for ``name`` (a status, a label of :data:`STATUS_LABELS` or an
+    older alias, any case), e.g. ``class_status("needs edit") == "corrected"``.
+
+    Raises:
+        CPS4Error: not a review status.
+    """
+    key = str(name).strip().lower()
+    canonical = STATUS_ALIASES.get(key, key)
+    if canonical not in CLASS_STATUSES:
+        raise CPS4Error(f"unknown class status {name!r}; use one of {CLASS_STATUSES}")
+    return canonical  # type: ignore[return-value]
+
+
+class LabelVersions:
+    """The versions of one label volume: ``<folder>/v0001.nii.gz``, ``v0002.nii.gz`` ...
+
+    The one label-versioning scheme of the project: numbered from 1, never rewritten and
+    never reused. :meth:`add` writes the volume to a temporary file in the folder and
+    publishes it with ``os.link``, which fails if the name exists, so two writers that
+    pick the same number cannot overwrite each other (the loser takes the next one).
+    The workspace keeps ``labels/<case>/``; masks saved beside a dataset can keep theirs
+    in any folder (e.g. ``previous_versions/<mask name>/``) with the same class.
+    """
+
+    PATTERN = re.compile(r"v(\d+)\.nii\.gz$")
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def numbers(self) -> list[int]:
+        """Version numbers present on disk, ascending."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := self.PATTERN.fullmatch(p.name)))
+
+    def path(self, number: int) -> Path:
+        """File of version ``number``."""
+        return self.folder / f"v{number:04d}.nii.gz"
+
+    def add(self, labels: np.ndarray, affine: np.ndarray, taken: Iterable[int] = ()) -> int:
+        """Write ``labels`` as the next version; returns its number.
+
+        Args:
+            labels: the label volume.
+            affine: its voxel-to-world matrix.
+            taken: numbers used elsewhere (e.g. recorded in a manifest whose file is
+                gone) that must not be reused.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        number = max([*self.numbers(), *taken, 0]) + 1
+        tmp = self.folder / f".tmp-{secrets.token_hex(4)}-v.nii.gz"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(nifti_bytes(labels, affine, compress=True))
+                handle.flush()
+                os.fsync(handle.fileno())
+            while True:
+                try:
+                    os.link(tmp, self.path(number))
+                    return number
+                except FileExistsError:
+                    number += 1
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _safe_case_dir(case_id: str) -> str:
@@ -163,11 +261,17 @@ def _validate(manifest: Any, path: Path) -> None:
         for class_id, entry in case["classes"].items():
             if not str(class_id).isdigit() or not isinstance(entry, dict):
                 fail(f"case {case_id!r} class {class_id!r} is malformed")
-            if entry.get("status") not in CLASS_STATUSES:
+            try:
+                entry["status"] = class_status(entry.get("status"))
+            except CPS4Error:
                 fail(f"case {case_id!r} class {class_id} has status {entry.get('status')!r}")
         for version in case["versions"]:
             if not isinstance(version, dict) or not isinstance(version.get("file"), str):
                 fail(f"case {case_id!r} has a label version without a file")
+            if not isinstance(version.get("version"), int) or version["version"] < 1:
+                fail(f"case {case_id!r} has a label version without a positive number")
+            if Path(version["file"]).is_absolute() or ".." in Path(version["file"]).parts:
+                fail(f"case {case_id!r} label file {version['file']!r} is outside the workspace")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -195,26 +299,31 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _image_affine_and_shape(image: Path) -> tuple[np.ndarray, tuple[int, ...]]:
-    try:
-        header_image = nib.load(str(image))
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as error:
-        raise CPS4Error(f"cannot read image header ({type(error).__name__})", path=image) from None
-    return np.asarray(header_image.affine, dtype=np.float64), tuple(header_image.shape[:3])
-
-
 class Workspace:
     """A refinement workspace (see the module doc for the layout and the rules).
 
     Open one with :meth:`open`, make one with :meth:`create`. Methods that change
-    anything save at once (label file first, then the manifest).
+    anything do so under the workspace lock, on the manifest as it is on disk, and save
+    at once (label file first, then the manifest). Reading methods use the manifest as
+    last loaded or saved by this object; :meth:`reload` refreshes it.
+
+    Attributes:
+        root: the workspace folder.
+        manifest: the manifest as last read or written by this object.
+        recovered: True when ``workspace.json`` was unreadable and ``.prev`` was used.
+        removed_orphans: files that killed saves had left and :meth:`open` removed.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], recovered: bool = False) -> None:
         self.root = root
         self.manifest = manifest
         self.recovered = recovered
+        self.removed_orphans: list[Path] = []
         self.scheme = LabelScheme.from_dict(manifest["scheme"])
+        # flock excludes other processes and other Workspace objects; this excludes
+        # other threads using this object (a dock's worker and the GUI thread).
+        self._thread_lock = threading.RLock()
+        self._lock_held = False
 
     @classmethod
     def create(
@@ -244,11 +353,10 @@ class Workspace:
 
         Raises:
             CPS4Error: a workspace already exists there, a held-out case has no mask or
-                is not among the cases, or duplicate case ids.
+                is not among the cases, duplicate case ids, an unreadable image or mask,
+                or a mask whose grid (shape, orientation, affine) is not its image's.
         """
         root = Path(root)
-        if (root / MANIFEST).exists():
-            raise CPS4Error("a workspace already exists here", path=root / MANIFEST)
         heldout = set(heldout)
         ids = [case.case_id for case in cases]
         if len(set(ids)) != len(ids):
@@ -256,6 +364,12 @@ class Workspace:
         unknown = heldout - set(ids)
         if unknown:
             raise CPS4Error(f"held-out cases {sorted(unknown)} are not in the dataset", path=root)
+        wanted = (
+            set(ids) if import_labels is True else set() if import_labels is False else set(import_labels)
+        )
+        for case in cases:
+            if case.label_path is None and case.case_id in heldout:
+                raise CPS4Error(f"held-out case {case.case_id!r} has no mask", path=case.image_path)
         stamp = now()
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -276,24 +390,23 @@ class Workspace:
                 "classes": {},
                 "uncertainty": None,
             }
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CPS4Error(f"cannot create the workspace folder ({error.strerror})", path=root) from None
         workspace = cls(root, manifest)
-        wanted = (
-            set(ids) if import_labels is True else set() if import_labels is False else set(import_labels)
-        )
-        for case in cases:
-            if case.case_id not in wanted | heldout:
-                continue
-            if case.label_path is None:
-                if case.case_id in heldout:
-                    raise CPS4Error(f"held-out case {case.case_id!r} has no mask", path=case.image_path)
-                continue
-            workspace._import_mask(case)
-        workspace.save()
+        with workspace._locked():
+            if (root / MANIFEST).exists():
+                raise CPS4Error("a workspace already exists here", path=root / MANIFEST)
+            for case in cases:
+                if case.label_path is not None and case.case_id in wanted | heldout:
+                    workspace._import_mask(case)
+            workspace._write_manifest()
         return workspace
 
     def _import_mask(self, case: Any) -> None:
-        volume = read_volume(case.label_path, kind="label")
-        self.scheme.check_values(np.unique(volume.array).tolist(), case.label_path)
+        volume = read_volume(case.label_path, kind="label", scheme=self.scheme)
+        check_same_grid(Path(case.image_path), volume, what="mask")
         entry = self.manifest["cases"][case.case_id]
         painted = case.painted
         present = [int(v) for v in np.unique(volume.array) if v != 0]
@@ -310,25 +423,75 @@ class Workspace:
         """Open an existing workspace, migrating an older manifest.
 
         If ``workspace.json`` is missing or unreadable but ``workspace.json.prev`` loads,
-        that one is used and :attr:`recovered` is True.
+        that one is used and :attr:`recovered` is True. Otherwise, when the folder is
+        writable, what killed saves left behind is removed under the lock (see
+        :attr:`removed_orphans`).
 
         Raises:
             CPS4Error: no workspace there, a manifest from a newer program version, or
                 a malformed manifest.
         """
         root = Path(root)
+        workspace = cls(root, *cls._load(root))
+        if not workspace.recovered and os.access(root, os.W_OK):
+            with workspace._locked():
+                workspace.manifest, _ = cls._load(root)
+                workspace.removed_orphans = workspace._remove_orphans()
+        return workspace
+
+    @staticmethod
+    def _load(root: Path) -> tuple[dict[str, Any], bool]:
+        """``(manifest, recovered)`` from disk, falling back to the previous manifest."""
         primary, previous = root / MANIFEST, root / PREVIOUS_MANIFEST
         if not primary.exists() and not previous.exists():
             raise CPS4Error("not a cps4 workspace (no workspace.json)", path=root)
         try:
-            return cls(root, _read_manifest(primary))
+            return _read_manifest(primary), False
         except CPS4Error as error:
             if "newer than" in str(error) or not previous.exists():
                 raise
-            return cls(root, _read_manifest(previous), recovered=True)
+            return _read_manifest(previous), True
 
-    def save(self) -> None:
-        """Atomically write the manifest, keeping the previous one as ``.prev``."""
+    def reload(self) -> None:
+        """Re-read the manifest from disk: see what other writers saved since."""
+        self.manifest, self.recovered = self._load(self.root)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the workspace lock (re-entrant within this object)."""
+        with self._thread_lock:
+            if self._lock_held:
+                yield
+                return
+            lock_path = self.root / LOCK_FILE
+            try:
+                descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise CPS4Error(
+                    f"cannot lock the workspace for writing ({error.strerror})", path=lock_path
+                ) from None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                self._lock_held = True
+                yield
+            finally:
+                self._lock_held = False
+                os.close(descriptor)
+
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[None]:
+        """One change: lock, start from the manifest on disk, save it on success.
+
+        The change is applied to the freshest manifest, so a save made by another
+        writer since this object last read the manifest is kept, never overwritten.
+        """
+        with self._locked():
+            self.reload()
+            yield
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """Atomically write the manifest, keeping the previous one as ``.prev`` (lock held)."""
         self.manifest["modified"] = now()
         primary = self.root / MANIFEST
         text = json.dumps(self.manifest, indent=1, sort_keys=False)
@@ -336,6 +499,40 @@ class Workspace:
             with atomic_write(self.root / PREVIOUS_MANIFEST) as tmp:
                 shutil.copyfile(primary, tmp)
         write_text_atomic(primary, text)
+
+    def _remove_orphans(self) -> list[Path]:
+        """Delete ``.tmp-*`` files and unreferenced label versions (lock held).
+
+        Every workspace writer creates these only while it holds the lock, so with the
+        lock held they are leftovers of a writer that died. Only the manifest's folder
+        and ``labels/`` are swept: refinement rounds in ``rounds/`` write their own
+        temporary files without this lock.
+        """
+        referenced = {
+            (self.root / version["file"]).resolve()
+            for manifest in (self.manifest, self._previous_manifest())
+            for case in manifest.get("cases", {}).values()
+            for version in case.get("versions", [])
+        }
+        removed = []
+        labels = self.root / LABELS_FOLDER
+        folders = [self.root, *(p for p in labels.iterdir() if p.is_dir())] if labels.is_dir() else [self.root]
+        for folder in folders:
+            for path in folder.iterdir():
+                orphan = path.name.startswith(".tmp-") or (
+                    folder != self.root and LabelVersions.PATTERN.fullmatch(path.name)
+                    and path.resolve() not in referenced
+                )
+                if orphan and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
+
+    def _previous_manifest(self) -> dict[str, Any]:
+        try:
+            return _read_manifest(self.root / PREVIOUS_MANIFEST)
+        except CPS4Error:
+            return {}
 
     # ----- cases -----------------------------------------------------------------------
 
@@ -413,14 +610,13 @@ class Workspace:
     def _write_version(
         self, case_id: str, labels: np.ndarray, affine: np.ndarray, author: str, round_: int | None
     ) -> str:
-        """Write the next label version file and record it; returns its relative path."""
+        """Write the next label version file and record it (lock held); returns its path."""
         case = self._case(case_id)
-        folder = self.root / "labels" / _safe_case_dir(case_id)
-        on_disk = [int(m.group(1)) for p in folder.glob("v*.nii.gz") if (m := re.match(r"v(\d+)\.nii\.gz$", p.name))]
-        recorded = [v["version"] for v in case["versions"]]
-        number = max(on_disk + recorded + [0]) + 1
-        relative = f"labels/{_safe_case_dir(case_id)}/v{number:04d}.nii.gz"
-        write_volume(self.root / relative, labels, affine)
+        folder = _safe_case_dir(case_id)
+        number = LabelVersions(self.root / LABELS_FOLDER / folder).add(
+            labels, affine, taken=[v["version"] for v in case["versions"]]
+        )
+        relative = f"{LABELS_FOLDER}/{folder}/v{number:04d}.nii.gz"
         case["versions"].append(
             {"version": number, "file": relative, "author": author, "round": round_, "created": now()}
         )
@@ -428,18 +624,18 @@ class Workspace:
 
     def _checked_labels(self, case_id: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         image = self.image_path(case_id)
-        affine, shape = _image_affine_and_shape(image)
+        grid = Grid.of(image)
         labels = np.asarray(labels)
-        if labels.shape != shape:
+        if labels.shape != grid.shape:
             raise CPS4Error(
                 f"labels of shape {labels.shape} do not match the image of case "
-                f"{case_id!r} ({shape})",
+                f"{case_id!r} ({grid.shape})",
                 path=image,
             )
         if not np.issubdtype(labels.dtype, np.integer):
             raise CPS4Error(f"labels for case {case_id!r} must be integers, got {labels.dtype}")
         self.scheme.check_values(np.unique(labels).tolist(), image)
-        return labels, affine
+        return labels, grid.affine
 
     def save_human_labels(
         self,
@@ -468,9 +664,14 @@ class Workspace:
             CPS4Error: unknown case, wrong shape, values outside the scheme, bad status.
         """
         labels, affine = self._checked_labels(case_id, labels)
-        for class_id, status in (statuses or {}).items():
-            if status not in CLASS_STATUSES:
-                raise CPS4Error(f"unknown class status {status!r}; use one of {CLASS_STATUSES}")
+        statuses = {int(class_id): class_status(status) for class_id, status in (statuses or {}).items()}
+        with self._change():
+            return self._save_human_labels(case_id, labels, affine, statuses, complete)
+
+    def _save_human_labels(
+        self, case_id: str, labels: np.ndarray, affine: np.ndarray,
+        statuses: Mapping[int, ClassStatusName], complete: bool | None,
+    ) -> int:
         previous = self.current_labels(case_id)
         case = self._case(case_id)
         stamp = now()
@@ -494,7 +695,6 @@ class Workspace:
                 entry["status"] in HUMAN_STATUSES for entry in classes.values()
             )
         case["complete"] = complete
-        self.save()
         return case["versions"][-1]["version"]
 
     def set_class_status(self, case_id: str, class_id: int, status: ClassStatusName) -> None:
@@ -503,16 +703,15 @@ class Workspace:
         Raises:
             CPS4Error: unknown case, unknown status, or the class is not in the labels.
         """
-        if status not in CLASS_STATUSES:
-            raise CPS4Error(f"unknown class status {status!r}; use one of {CLASS_STATUSES}")
-        case = self._case(case_id)
-        entry = case["classes"].get(str(class_id))
-        if entry is None:
-            raise CPS4Error(f"case {case_id!r} has no class {class_id} to mark {status}")
-        case["classes"][str(class_id)] = {"status": status, "round": entry.get("round"), "changed": now()}
-        if status in ("machine", "rejected"):
-            case["complete"] = False
-        self.save()
+        status = class_status(status)
+        with self._change():
+            case = self._case(case_id)
+            entry = case["classes"].get(str(class_id))
+            if entry is None:
+                raise CPS4Error(f"case {case_id!r} has no class {class_id} to mark {status}")
+            case["classes"][str(class_id)] = {"status": status, "round": entry.get("round"), "changed": now()}
+            if status in ("machine", "rejected"):
+                case["complete"] = False
 
     def add_prediction(
         self,
@@ -539,11 +738,17 @@ class Workspace:
             The new version number, or None if the case is complete (nothing written).
         """
         labels, affine = self._checked_labels(case_id, labels)
+        with self._change():
+            return self._add_prediction(case_id, labels, affine, round_, uncertainty)
+
+    def _add_prediction(
+        self, case_id: str, labels: np.ndarray, affine: np.ndarray, round_: int,
+        uncertainty: CaseUncertainty | None,
+    ) -> int | None:
         case = self._case(case_id)
         if uncertainty is not None:
             case["uncertainty"] = uncertainty.to_dict()
         if case["complete"]:
-            self.save()
             return None
         human = self.human_classes(case_id)
         merged = labels.copy()
@@ -563,7 +768,6 @@ class Workspace:
                 classes[str(class_id)] = {"status": "machine", "round": int(round_), "changed": stamp}
         self._write_version(case_id, merged, affine, "machine", int(round_))
         case["classes"] = classes
-        self.save()
         return case["versions"][-1]["version"]
 
     def uncertainty(self, case_id: str) -> CaseUncertainty | None:
@@ -585,8 +789,8 @@ class Workspace:
 
     def add_round(self, record: Mapping[str, Any]) -> None:
         """Record a finished round (``round``, ``run``, ``trained_on``, ``metrics``)."""
-        self.manifest["rounds"].append({"created": now(), **record})
-        self.save()
+        with self._change():
+            self.manifest["rounds"].append({"created": now(), **record})
 
     def labeled_for_training(self) -> list[tuple[str, tuple[int, ...] | None]]:
         """Training cases a human labeled: ``(case id, painted classes or None)``.
@@ -618,30 +822,44 @@ class Workspace:
         geometry. ``N`` is the number in the case id when every id is like ``Case12``,
         otherwise the case's position (1-based). Masks that are not complete get a
         partial-label sidecar listing their human classes. ``export.json`` maps each
-        exported name to its case id.
+        exported name to its case id. Everything is checked before the first file is
+        written.
 
         Returns:
             The mask files written.
 
         Raises:
-            CPS4Error: ``out`` already holds an export.
+            CPS4Error: ``out`` already holds an export, two case ids give one file name
+                (``Case1`` and ``Case01``), or a label version no longer lies on its
+                image's grid (the image was replaced).
         """
         from cps4_engine.data import write_label_status
 
         out = Path(out)
         if (out / "export.json").exists():
             raise CPS4Error("already holds an export; choose an empty folder", path=out)
+        self.reload()
         ids = [c for c in self.case_ids() if self._case(c)["versions"]]
         numbers = [re.fullmatch(r"case[_-]?(\d+)", c, flags=re.IGNORECASE) for c in self.case_ids()]
         by_id = (
             {c: int(m.group(1)) for c, m in zip(self.case_ids(), numbers)}
             if all(numbers) else {c: i + 1 for i, c in enumerate(self.case_ids())}
         )
+        owners: dict[int, list[str]] = {}
+        for case_id in self.case_ids():
+            owners.setdefault(by_id[case_id], []).append(case_id)
+        clashes = [names for names in owners.values() if len(names) > 1]
+        if clashes:
+            shown = "; ".join(" and ".join(repr(n) for n in names) + f" both become Case{by_id[names[0]]}"
+                              for names in clashes[:3])
+            raise CPS4Error(f"cannot export: case ids collide ({shown}); rename the cases", path=self.root)
+        for case_id in ids:
+            check_same_grid(self.image_path(case_id), self.version_path(case_id), what="label version")
         written, mapping = [], {}
         for case_id in ids:
             number = by_id[case_id]
             labels = self.current_labels(case_id)
-            affine, _ = _image_affine_and_shape(self.image_path(case_id))
+            affine = Grid.of(self.image_path(case_id)).affine
             statuses = self.class_statuses(case_id)
             dropped = [c for c, s in statuses.items() if s.status == "rejected"
                        or (s.status == "machine" and not include_machine)]
