@@ -12,7 +12,10 @@ Layouts :func:`open_dataset` recognises (first match wins):
   if present) and ``dataset.json``; image names may carry the ``_0000`` channel suffix
   (only channel 0000 is used).
 - ``folder``: NIfTI files in one folder; ``X_seg``/``X_label``/``X_labels``/``X_mask`` is
-  the mask of ``X`` or ``X_img``/``X_image``.
+  the mask of ``X`` or ``X_img``/``X_image`` (so is ``X_img_seg``).
+
+How each layout names its files, for reading and for writing, is
+:mod:`cps4_engine.layouts`.
 
 Except for ``index``, cases are in natural file-name order (``Case2`` before ``Case10``);
 benchmarks rely on that order.
@@ -35,12 +38,18 @@ import numpy as np
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import Volume, is_nifti_path, nifti_stem, read_volume, write_text_atomic
 from cps4_engine.labels import LabelScheme, mrspineseg_scheme
+from cps4_engine.layouts import (
+    MRSPINESEG_IMAGES,
+    MRSPINESEG_MASKS,
+    NNUNET_DESCRIPTION,
+    NNUNET_FOLDERS,
+    folder_case_key,
+    mrspineseg_mask_stem,
+    nnunet_case_id,
+)
 
-LAYOUTS = ("index", "mrspineseg", "nnunet", "folder")
 STATUS_SUFFIX = ".cps4.json"
 INDEX_NAME = "index.json"
-_LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
-_IMAGE_SUFFIXES = ("_img", "_image", "_0000")
 _AFFINE_TOLERANCE_MM = 1e-3
 
 
@@ -109,7 +118,7 @@ class Dataset:
 
     Attributes:
         root: the dataset folder (for ``index``, the index JSON's folder).
-        layout: one of :data:`LAYOUTS`.
+        layout: one of :data:`cps4_engine.layouts.LAYOUTS`.
         cases: cases in dataset order.
         subset: the index set used, if any.
     """
@@ -212,22 +221,16 @@ def _make_case(case_id: str, image: Path, label: Path | None) -> Case:
     return Case(case_id, image, label, painted)
 
 
-def _strip_suffix(stem: str, suffixes: Sequence[str]) -> tuple[str, bool]:
-    for suffix in suffixes:
-        if stem.lower().endswith(suffix):
-            return stem[: -len(suffix)], True
-    return stem, False
-
-
 def _open_mrspineseg(root: Path) -> Dataset:
-    images = _nifti_files(root / "MR")
+    images = _nifti_files(root / MRSPINESEG_IMAGES)
     if not images:
-        raise CPS4Error("MR/ holds no NIfTI images", path=root / "MR")
-    masks = {nifti_stem(p).lower(): p for p in _nifti_files(root / "Mask")} if (root / "Mask").is_dir() else {}
+        raise CPS4Error("MR/ holds no NIfTI images", path=root / MRSPINESEG_IMAGES)
+    mask_folder = root / MRSPINESEG_MASKS
+    masks = {nifti_stem(p).lower(): p for p in _nifti_files(mask_folder)} if mask_folder.is_dir() else {}
     cases = []
     for image in images:
         stem = nifti_stem(image)
-        cases.append(_make_case(stem, image, masks.pop(f"mask_{stem.lower()}", None)))
+        cases.append(_make_case(stem, image, masks.pop(mrspineseg_mask_stem(stem), None)))
     if masks:
         orphan = sorted(masks.values(), key=lambda p: natural_key(p.name))[0]
         raise CPS4Error("mask has no matching image in MR/ (Mask/mask_caseN needs MR/CaseN)", path=orphan)
@@ -235,24 +238,22 @@ def _open_mrspineseg(root: Path) -> Dataset:
 
 
 def _open_nnunet(root: Path) -> Dataset:
-    description = root / "dataset.json"
+    description = root / NNUNET_DESCRIPTION
     if description.is_file():
         try:
             json.loads(description.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CPS4Error(f"not valid JSON ({error})", path=description) from None
     cases = []
-    for images_name, labels_name in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+    for images_name, labels_name in NNUNET_FOLDERS:
         images_dir, labels_dir = root / images_name, root / labels_name
         if not images_dir.is_dir():
             continue
         labels = {nifti_stem(p): p for p in _nifti_files(labels_dir)} if labels_dir.is_dir() else {}
         for image in _nifti_files(images_dir):
-            stem = nifti_stem(image)
-            channel = re.search(r"_(\d{4})$", stem)
-            if channel and channel.group(1) != "0000":
+            case_id = nnunet_case_id(nifti_stem(image))
+            if case_id is None:
                 continue
-            case_id = stem[: -len("_0000")] if channel else stem
             cases.append(_make_case(case_id, image, labels.pop(case_id, None)))
         if labels:
             orphan = sorted(labels.values(), key=lambda p: natural_key(p.name))[0]
@@ -266,11 +267,13 @@ def _open_folder(root: Path, files: list[Path]) -> Dataset:
     images: dict[str, Path] = {}
     labels: dict[str, Path] = {}
     for path in files:
-        key, is_label = _strip_suffix(nifti_stem(path), _LABEL_SUFFIXES)
-        if is_label:
-            labels[key] = path
-        else:
-            images[_strip_suffix(key, _IMAGE_SUFFIXES)[0]] = path
+        key, is_label = folder_case_key(nifti_stem(path))
+        found = labels if is_label else images
+        if key in found:
+            what = "masks" if is_label else "images"
+            raise CPS4Error(f"two {what} of case {key!r}: {found[key].name} and {path.name}; "
+                            "keep one", path=path)
+        found[key] = path
     orphans = sorted(set(labels) - set(images), key=natural_key)
     if orphans:
         raise CPS4Error("mask has no matching image in the folder", path=labels[orphans[0]])
@@ -330,7 +333,7 @@ def open_dataset(path: str | Path, subset: str | None = None) -> Dataset:
     if not path.exists():
         raise CPS4Error("dataset not found", path=path)
     if path.is_file():
-        if path.name == "dataset.json":
+        if path.name == NNUNET_DESCRIPTION:
             return _open_nnunet(path.parent)
         if path.suffix.lower() == ".json":
             return _open_index(path, subset)
@@ -347,9 +350,10 @@ def open_dataset(path: str | Path, subset: str | None = None) -> Dataset:
             return _open_index(parent_index, path.name)
     if subset is not None:
         raise CPS4Error(f"subset {subset!r} given but there is no {INDEX_NAME}", path=path)
-    if (path / "MR").is_dir():
+    if (path / MRSPINESEG_IMAGES).is_dir():
         return _open_mrspineseg(path)
-    if any((path / name).is_dir() for name in ("imagesTr", "imagesTs")) or (path / "dataset.json").is_file():
+    if (any((path / images).is_dir() for images, _labels in NNUNET_FOLDERS)
+            or (path / NNUNET_DESCRIPTION).is_file()):
         return _open_nnunet(path)
     files = _nifti_files(path)
     if files:
@@ -381,14 +385,9 @@ def load_case(case: Case, scheme: LabelScheme | None = None) -> tuple[Volume, Vo
     if case.label_path is None:
         return image, None
     label = read_volume(case.label_path, kind="label")
-    if label.shape != image.shape:
-        raise CPS4Error(
-            f"mask shape {label.shape} differs from image shape {image.shape} ({case.image_path.name})",
-            path=case.label_path,
-        )
-    if not np.allclose(label.affine, image.affine, rtol=0, atol=_AFFINE_TOLERANCE_MM):
-        raise CPS4Error(f"mask geometry (affine) differs from the image's ({case.image_path.name})",
-                        path=case.label_path)
+    from cps4_engine.geometry import check_same_grid  # the one image-vs-mask check
+
+    check_same_grid(image, label, what="mask")
     (scheme or mrspineseg_scheme()).check_values(np.unique(label.array), path=case.label_path)
     return image, label
 
@@ -518,3 +517,33 @@ def split_cases(
         seed=seed,
         labeled_spec=labeled,
     )
+
+
+def plan_split(
+    data: str | Path,
+    labeled: int | float,
+    seed: int = 0,
+    train: int | None = None,
+    validation: int | float = 0.1,
+) -> Split:
+    """The split a training run on ``data`` draws: :func:`split_cases` over the dataset's cases.
+
+    Cheap (it lists files and reads partial-mask sidecars, no volume), so a GUI can check a
+    run's options and warn before it starts.
+
+    Raises:
+        CPS4Error: what :func:`open_dataset` and :func:`split_cases` raise.
+    """
+    return split_cases(open_dataset(data).cases, labeled, seed=seed, train=train, validation=validation)
+
+
+def split_warnings(split: Split) -> list[str]:
+    """One-line warnings about a split that trains but teaches less than the user expects."""
+    warnings = []
+    if not split.validation:
+        warnings.append("no validation volumes: no Dice is measured while training and no best "
+                        "model is chosen; label more volumes or use fewer as labeled")
+    if split.labeled and all(case.is_partial for case in split.labeled):
+        warnings.append("every labeled mask is partial: unpainted voxels are unknown, so nothing "
+                        "teaches background; complete one mask (every unpainted voxel background)")
+    return warnings

@@ -3,36 +3,50 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, TypeVar
 
 import napari
 from napari.utils.notifications import show_error
 from qtpy.QtGui import QColor, QIcon, QPixmap
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from cps4_engine.errors import CPS4Error
-from cps4_engine.io import sagittal_layout
-from napari_cps4._layers import AFFINE_KEY
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def reports_errors(handler: Handler) -> Handler:
-    """Wrap a button handler so a :class:`CPS4Error` becomes a viewer notification.
+    """Wrap a Qt slot so a :class:`CPS4Error` becomes a viewer notification.
+
+    Qt signals hand their own arguments to a slot (``clicked`` its ``checked`` flag,
+    ``cellClicked`` the row and column); the wrapper passes on only as many positional
+    arguments as ``handler`` requires, so ``lambda: …``, a method whose arguments all have
+    defaults (they keep them) and ``lambda row, column: …`` all work as slots of any signal.
 
     Only user-facing errors are caught; anything else is a bug and propagates to napari's
     own error reporting.
     """
+    accepted = required_positionals(handler)
 
     @functools.wraps(handler)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any) -> Any:
         try:
-            return handler(*args, **kwargs)
+            return handler(*args[:accepted])
         except CPS4Error as error:
             show_error(str(error))
             return None
 
     return wrapper  # type: ignore[return-value]
+
+
+def required_positionals(function: Callable[..., Any]) -> int | None:
+    """How many positional arguments without a default ``function`` takes; None for ``*args``."""
+    parameters = inspect.signature(function).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def color_icon(rgba: Any, size: int = 12) -> QIcon:
@@ -80,24 +94,22 @@ class LayerCombo(QComboBox):
         self.setCurrentText(layer.name)
 
 
-def show_sagittal(viewer: napari.viewer.Viewer, layer: Any) -> None:
-    """Page through sagittal slices of ``layer``, superior up and anterior left.
 
-    The slider runs along the sagittal voxel axis found from the layer's affine; the
-    displayed rows are the superior-inferior axis and the columns the anterior-posterior
-    axis, flipped by the camera where the voxel axes run the other way. The slider is set
-    to the middle slice. Layers without a stored affine leave the view as it is.
+def scroll_area(content: QWidget) -> QScrollArea:
+    """``content`` in a frameless scroll area that resizes it to fit where it can."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setWidget(content)
+    return area
+
+
+def scrolling(owner: QWidget, content: QWidget) -> None:
+    """Fill ``owner`` with ``content`` in a scroll area.
+
+    A dock's minimum height is then the scroll area's, not its content's, so four docks
+    fit a 1366 x 768 screen instead of forcing the window taller than it.
     """
-    affine = layer.metadata.get(AFFINE_KEY)
-    if affine is None or viewer.dims.ndim != 3 or layer.ndim != 3:
-        return
-    layout = sagittal_layout(affine)
-    viewer.dims.order = layout.axes
-    viewer.scene.camera.orientation2d = (
-        "up" if layout.flip_rows else "down",
-        "left" if layout.flip_cols else "right",
-    )
-    axis = layout.axes[0]
-    middle = (layer.data.shape[axis] // 2) * layer.scale[axis] + layer.translate[axis]
-    viewer.dims.set_point(axis, middle)
-    viewer.reset_view()
+    layout = QVBoxLayout(owner)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(scroll_area(content))

@@ -6,9 +6,9 @@ workspace (a folder with ``workspace.json``). The table lists every case with it
 — ``labeled``, ``partial``, ``unlabeled`` for a dataset; ``unlabeled``,
 ``pseudo-labeled``, ``in review``, ``reviewed``, ``held out`` for a workspace — and its
 human-painted classes; double-click a row or press *Load case* to open its image and mask
-as layers. The view turns sagittal (slider along the sagittal axis found from the affine,
-superior up) when a case is loaded or the first image with a known geometry is opened
-while the widget is docked; *Sagittal view* does it on demand.
+as layers. Every spine volume opens sagittal (slider along the sagittal axis found from
+the affine, superior up; :mod:`napari_cps4._view`); *Sagittal view* turns the view back on
+demand.
 
 Bottom half — **labeling**: pick an image layer, *New labels layer* makes an empty
 labels layer over it with the scheme's colours; choose the class to paint by name in the
@@ -19,9 +19,9 @@ listing the painted classes; an existing mask is kept as
 ``previous_versions/<name>.prev-<n>.nii.gz``.
 
 Where the mask goes: a case of an open workspace gets a new human label version; an image
-that belongs to the open dataset gets its mask where that layout keeps masks (MRSpineSeg
-``Mask/mask_case<N>``, nnU-Net ``labelsTr/<case>``, plain folder ``<image>_seg``); any
-other image (the sample data, a file opened from elsewhere, a case of a read-only
+that belongs to the open dataset gets its mask where that layout keeps masks
+(:mod:`cps4_engine.layouts`: MRSpineSeg ``Mask/mask_case<N>``, nnU-Net ``labelsTr/<case>``,
+plain folder ``<case>_seg`` for ``<case>`` or ``<case>_img``); any other image (the sample data, a file opened from elsewhere, a case of a read-only
 index-JSON dataset) is added as a new case ``MR/Case<N>`` + ``Mask/mask_case<N>`` to the
 labeled-set folder, in the MRSpineSeg layout.
 """
@@ -57,9 +57,9 @@ from cps4_engine.active.workspace import Workspace
 from cps4_engine.data import Case, Dataset, open_dataset
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
-from napari_cps4._common import LayerCombo, color_icon, reports_errors, show_sagittal
+from cps4_engine.layouts import mask_path_for_image, next_mrspineseg_case
+from napari_cps4._common import LayerCombo, color_icon, reports_errors, scrolling
 from napari_cps4._layers import (
-    AFFINE_KEY,
     IMAGE_KEY,
     SOURCE_KEY,
     labels_layer_data,
@@ -68,7 +68,8 @@ from napari_cps4._layers import (
     scheme_of,
 )
 from napari_cps4._reader import read_layer
-from napari_cps4._storage import mask_path_for_image, new_case_paths, save_mask
+from napari_cps4._storage import save_mask
+from napari_cps4._view import prepare_viewer, show_sagittal
 
 CASE_COLUMNS = ("Case", "Status", "Painted classes", "Image")
 
@@ -87,9 +88,9 @@ class DataWidget(QWidget):
         self.dataset_edit = QLineEdit()
         self.dataset_edit.setPlaceholderText("dataset folder or index.json")
         browse_button = QPushButton("Browse…")
-        browse_button.clicked.connect(self._browse_dataset)
+        browse_button.clicked.connect(reports_errors(self._browse_dataset))
         self.open_button = QPushButton("Open")
-        self.open_button.clicked.connect(self._open_clicked)
+        self.open_button.clicked.connect(reports_errors(self._open_clicked))
         path_row = QHBoxLayout()
         path_row.addWidget(self.dataset_edit)
         path_row.addWidget(browse_button)
@@ -101,12 +102,12 @@ class DataWidget(QWidget):
         self.case_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.case_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.case_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.case_table.cellDoubleClicked.connect(lambda row, _column: self._load_row(row))
+        self.case_table.cellDoubleClicked.connect(reports_errors(lambda row, _column: self._load_row(row)))
         self.load_button = QPushButton("Load case")
-        self.load_button.clicked.connect(lambda: self._load_row(self.case_table.currentRow()))
+        self.load_button.clicked.connect(reports_errors(lambda: self._load_row(self.case_table.currentRow())))
         self.sagittal_button = QPushButton("Sagittal view")
         self.sagittal_button.setToolTip("page through sagittal slices of the chosen image, superior up")
-        self.sagittal_button.clicked.connect(self._sagittal_clicked)
+        self.sagittal_button.clicked.connect(reports_errors(self._sagittal_clicked))
         case_buttons = QHBoxLayout()
         case_buttons.addWidget(self.load_button)
         case_buttons.addWidget(self.sagittal_button)
@@ -120,7 +121,7 @@ class DataWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.new_labels_button = QPushButton("New labels layer")
         self.new_labels_button.setToolTip("An empty labels layer over the image, with the class palette")
-        self.new_labels_button.clicked.connect(self._new_labels_clicked)
+        self.new_labels_button.clicked.connect(reports_errors(self.create_labels_layer))
         self.labels_combo = LayerCombo(napari_viewer, Labels)
         self.labels_combo.currentTextChanged.connect(self._labels_layer_changed)
         self.class_combo = QComboBox()
@@ -129,7 +130,7 @@ class DataWidget(QWidget):
         self.labeled_set_edit = QLineEdit()
         self.labeled_set_edit.setPlaceholderText("folder for new labeled cases (MRSpineSeg layout)")
         self.add_button = QPushButton("Add to labeled set")
-        self.add_button.clicked.connect(self._add_clicked)
+        self.add_button.clicked.connect(reports_errors(self.add_to_labeled_set))
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
 
@@ -144,12 +145,14 @@ class DataWidget(QWidget):
         labeling_layout.addRow(self.add_button)
         labeling_layout.addRow(self.status_label)
 
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(dataset_box)
         layout.addWidget(labeling_box)
         layout.addStretch(1)
+        scrolling(self, content)
         self._labels_layer_changed(self.labels_combo.currentText())
-        napari_viewer.layers.events.inserted.connect(self._layer_inserted, position="last")
+        prepare_viewer(napari_viewer)
 
     # dataset -----------------------------------------------------------------------------
 
@@ -200,8 +203,8 @@ class DataWidget(QWidget):
     def load_case(self, case: Case) -> list[Layer]:
         """Add a case's image (and mask, when it has one) as layers; returns the new layers.
 
-        The slider is put on the sagittal axis so the annotator pages through sagittal
-        slices.
+        The image opens sagittal (:func:`napari_cps4._view.prepare_viewer`), so the
+        annotator pages through sagittal slices.
         """
         image = self.viewer.add_layer(Layer.create(*read_layer(Path(case.image_path))))
         layers = [image]
@@ -213,7 +216,6 @@ class DataWidget(QWidget):
             attributes["metadata"][IMAGE_KEY] = str(case.image_path)
             attributes["scale"] = tuple(image.scale)
             layers.append(self.viewer.add_labels(data, **attributes))
-        show_sagittal(self.viewer, image)
         self.image_combo.select_layer(image)
         if len(layers) > 1:
             self.labels_combo.select_layer(layers[1])
@@ -299,13 +301,13 @@ class DataWidget(QWidget):
             return Path(case.label_path)
         if self.dataset.layout == "index":
             return None
-        return mask_path_for_image(case.image_path)
+        return mask_path_for_image(case.image_path, self.dataset.layout)
 
     def _new_case_paths(self) -> tuple[Path, Path]:
         text = self.labeled_set_edit.text().strip()
         if not text:
             raise CPS4Error("choose a labeled-set folder (or open a dataset) to add this image to")
-        return new_case_paths(text)
+        return next_mrspineseg_case(text)
 
     def _reopen_dataset(self) -> None:
         root_text = self.dataset_edit.text().strip() or self.labeled_set_edit.text().strip()
@@ -330,19 +332,11 @@ class DataWidget(QWidget):
             layer.events.selected_label.connect(self._sync_class_from_layer)
             self._sync_class_from_layer()
 
-    def _layer_inserted(self, event: Any) -> None:
-        """Turn to the sagittal view when the first image with a known geometry arrives."""
-        layer = event.value
-        if not isinstance(layer, Image) or AFFINE_KEY not in layer.metadata:
-            return
-        with_geometry = [other for other in self.viewer.layers if isinstance(other, Image) and AFFINE_KEY in other.metadata]
-        if with_geometry == [layer]:
-            show_sagittal(self.viewer, layer)
-
-    def _sagittal_clicked(self, checked: bool = False) -> None:
+    def _sagittal_clicked(self) -> None:
         layer = self.image_combo.layer()
-        if layer is not None:
-            show_sagittal(self.viewer, layer)
+        if layer is None:
+            raise CPS4Error("open an image first")
+        show_sagittal(self.viewer, layer)
 
     def _class_chosen(self, index: int) -> None:
         layer = self.labels_combo.layer()
@@ -366,23 +360,16 @@ class DataWidget(QWidget):
             self.dataset_edit.setText(folder)
             self._open_clicked()
 
-    @reports_errors
-    def _open_clicked(self, checked: bool = False) -> None:
-        self.open_dataset(self.dataset_edit.text().strip())
+    def _open_clicked(self) -> None:
+        text = self.dataset_edit.text().strip()
+        if not text:
+            raise CPS4Error("type or browse to a dataset folder first")
+        self.open_dataset(text)
 
-    @reports_errors
     def _load_row(self, row: int) -> None:
         if not 0 <= row < len(self.cases):
             raise CPS4Error("choose a case in the table first")
         self.load_case(self.cases[row])
-
-    @reports_errors
-    def _new_labels_clicked(self, checked: bool = False) -> None:
-        self.create_labels_layer()
-
-    @reports_errors
-    def _add_clicked(self, checked: bool = False) -> None:
-        self.add_to_labeled_set()
 
 
 def case_status(case: Case) -> str:

@@ -4,8 +4,9 @@ Pick a class (its default prompt is filled in) or type free text, then *Show hea
 a stage-1 model scores every voxel against the prompt (off the GUI thread) and the heat
 map appears as an image layer over the volume (``inferno``, additive); for a class
 prompt the class's binary map (the thresholded class map stage 2 fuses into
-pseudo-labels) is added as a labels layer too. The table lists every token of the prompt
-with its share of the attention.
+pseudo-labels) is added as a labels layer too. The table lists every word of the prompt
+with its share of the attention (word pieces such as ``verteb`` + ``##ra`` are shown as
+one word with their shares summed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import napari
 import numpy as np
 from napari.layers import Image
 from napari.qt.threading import FunctionWorker, create_worker
+from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -32,12 +34,14 @@ from qtpy.QtWidgets import (
 )
 
 from cps4_engine.classmaps import load_vlm, prompt_heatmap, volume_class_maps
-from cps4_engine.device import available_devices, resolve_device
+from cps4_engine.device import resolve_device
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import Volume
 from cps4_engine.labels import mrspineseg_scheme
-from napari_cps4._common import LayerCombo, color_icon, reports_errors
+from cps4_engine.options import device_choices
+from napari_cps4._common import LayerCombo, color_icon, reports_errors, scrolling
 from napari_cps4._layers import SOURCE_KEY, geometry_metadata, labels_layer_data, layer_affine
+from napari_cps4._view import prepare_viewer
 
 FREE_TEXT = "(free text)"
 
@@ -95,7 +99,7 @@ class InspectorWidget(QWidget):
         self.run_edit = QLineEdit()
         self.run_edit.setPlaceholderText("stage-1 run folder")
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", *available_devices()])
+        self.device_combo.addItems(device_choices())
         self.class_combo = QComboBox()
         self.class_combo.addItem(FREE_TEXT, None)
         colors = self.scheme.napari_colors()
@@ -106,9 +110,9 @@ class InspectorWidget(QWidget):
         self.prompt_edit = QLineEdit()
         self.prompt_edit.setPlaceholderText("prompt text, e.g. 'the L3 vertebra'")
         self.show_button = QPushButton("Show heat map")
-        self.show_button.clicked.connect(self._show_clicked)
+        self.show_button.clicked.connect(reports_errors(self.inspect))
         self.token_table = QTableWidget(0, 2)
-        self.token_table.setHorizontalHeaderLabels(("Token", "Attention share"))
+        self.token_table.setHorizontalHeaderLabels(("Word", "Attention share"))
         self.token_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.token_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.status_label = QLabel("")
@@ -120,11 +124,14 @@ class InspectorWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Class", self.class_combo)
         form.addRow("Prompt", self.prompt_edit)
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addLayout(form)
         layout.addWidget(self.show_button)
         layout.addWidget(self.token_table)
         layout.addWidget(self.status_label)
+        scrolling(self, content)
+        prepare_viewer(napari_viewer)
 
     def choose_class(self, class_id: int | None) -> None:
         """Pick a class (fills in its default prompt) or None for free text."""
@@ -189,8 +196,9 @@ class InspectorWidget(QWidget):
             attributes["scale"] = tuple(image_layer.scale)
             attributes["translate"] = tuple(image_layer.translate)
             self.viewer.add_labels(data, **attributes)
-        self.token_table.setRowCount(len(inspection.tokens))
-        for row, (token, share) in enumerate(zip(inspection.tokens, inspection.token_attention)):
+        words = whole_words(inspection.tokens, inspection.token_attention)
+        self.token_table.setRowCount(len(words))
+        for row, (token, share) in enumerate(words):
             self.token_table.setItem(row, 0, QTableWidgetItem(token))
             self.token_table.setItem(row, 1, QTableWidgetItem(f"{share:.3f}"))
         self.status_label.setText(f"heat map of {inspection.text!r}: max {inspection.heatmap.max():.3f}")
@@ -204,13 +212,22 @@ class InspectorWidget(QWidget):
             self.prompt_edit.setText(self.scheme.prompts()[class_id])
 
     def _failed(self, error: Exception) -> None:
-        # napari's worker already relays the error to the viewer's notifications.
+        # A worker with its own errored handler does not notify the viewer; say it here.
         self.status_label.setText(f"failed: {error}")
+        show_error(f"CPS4 prompt inspector failed: {error}")
 
     def _finished(self) -> None:
         self.worker = None
         self.show_button.setEnabled(True)
 
-    @reports_errors
-    def _show_clicked(self, checked: bool = False) -> None:
-        self.inspect()
+
+def whole_words(tokens: list[str], shares: list[float]) -> list[tuple[str, float]]:
+    """Join WordPiece continuations (``##ra``) to the word before them, summing their shares."""
+    words: list[tuple[str, float]] = []
+    for token, share in zip(tokens, shares):
+        if token.startswith("##") and words:
+            word, total = words[-1]
+            words[-1] = (word + token[2:], total + share)
+        else:
+            words.append((token, share))
+    return words

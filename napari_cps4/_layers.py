@@ -5,7 +5,9 @@ Every layer the plugin creates carries its geometry in ``layer.metadata``:
 - ``"affine"``: the 4x4 voxel-to-world matrix of the source NIfTI (float64 array, mm);
 - ``"source_path"``: the file it came from (``str``), or ``None`` for generated data;
 - ``"scheme"``: for labels layers, the label scheme as :meth:`LabelScheme.to_dict`;
-- ``"image_path"``: for labels layers made over an image, that image's file (or None).
+- ``"image_path"``: for labels layers made over an image, that image's file (or None);
+- ``"spine_volume"``: True on image layers that are spine volumes (not derived maps such
+  as heat maps), which the view turns sagittal for when they are added.
 
 napari shows the voxel axes scaled by the spacing (``scale`` = mm per voxel axis) and
 without translation; labels layers made from an image copy its ``scale``, ``translate``
@@ -31,6 +33,7 @@ AFFINE_KEY = "affine"
 SOURCE_KEY = "source_path"
 SCHEME_KEY = "scheme"
 IMAGE_KEY = "image_path"
+VOLUME_KEY = "spine_volume"
 
 
 def class_colormap(scheme: LabelScheme) -> DirectLabelColormap:
@@ -83,7 +86,7 @@ def image_layer_data(volume: Volume, name: str | None = None) -> LayerDataTuple:
     attributes = {
         "name": name or display_name(volume.path),
         "scale": tuple(float(s) for s in volume.spacing),
-        "metadata": geometry_metadata(volume.affine, volume.path),
+        "metadata": {**geometry_metadata(volume.affine, volume.path), VOLUME_KEY: True},
         "colormap": "gray",
         "contrast_limits": (float(low), float(high)),
     }

@@ -12,7 +12,9 @@ Image or labels? The first rule that applies decides:
 
 Images are scaled by their voxel spacing and keep the affine and the source path in the
 layer metadata; labels get the scheme's colours and class names (see
-:mod:`napari_cps4._layers`).
+:mod:`napari_cps4._layers`). Reading prepares the current viewer
+(:func:`napari_cps4._view.prepare_viewer`): the image opens sagittal, superior up, and
+later ``.nii``/``.nii.gz`` files go to this reader without asking.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import re
 from pathlib import Path
 from typing import Callable, Literal
 
+import napari
 import numpy as np
 
 from cps4_engine.io import read_volume
 from cps4_engine.labels import mrspineseg_scheme
 from napari_cps4._layers import LayerDataTuple, display_name, image_layer_data, labels_layer_data
+from napari_cps4._view import prepare_viewer
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LABEL_NAME = re.compile(r"mask|seg|label", re.IGNORECASE)
@@ -48,7 +52,9 @@ def read_nifti(path: str | list[str]) -> list[LayerDataTuple]:
             integer-valued (raised by :func:`cps4_engine.io.read_volume`).
     """
     paths = [path] if isinstance(path, str) else list(path)
-    return [read_layer(Path(p)) for p in paths]
+    layers = [read_layer(Path(p)) for p in paths]
+    prepare_viewer(napari.current_viewer())
+    return layers
 
 
 def read_layer(path: Path) -> LayerDataTuple:

@@ -4,7 +4,8 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
 
 - **Workspace**: open a workspace folder, or make one from a dataset folder.
 - **Review queue**: the workspace's unreviewed cases, most uncertain first, with the
-  classes to check; click a row to load that case as an image and a labels layer.
+  classes to check; click a row to load that case as an image (sagittal) and a labels
+  layer. An empty queue says why it is empty.
 - **Corrections** on the reviewed labels layer (``review_widget.labels_layer``, else the
   selected labels layer): shift every level up or down, swap two classes, give the
   structure at a voxel (the cursor, or typed coordinates) another class, and check the
@@ -13,7 +14,9 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
   from the review widget: accepted → accepted, needs edit → corrected, rejected →
   rejected).
 - **Retrain** runs a refinement round (:mod:`cps4_engine.active.rounds`) off the GUI
-  thread; the plot shows each round's Dice on the held-out cases.
+  thread (saving is off meanwhile, since the round writes the workspace); the plot shows
+  each round's Dice on the held-out cases. Methods, presets and devices (those this
+  machine has) come from :mod:`cps4_engine.options`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ from cps4_engine.active.workspace import Workspace
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume
 from cps4_engine.labels import LabelScheme
+from cps4_engine.options import DEFAULT_PRESET, DEFAULT_ROUND_METHOD, METHODS, PRESETS, default_steps, device_choices
 from napari_cps4._common import reports_errors
+from napari_cps4._view import prepare_viewer, show_sagittal
 from napari_cps4._layers import (
     AFFINE_KEY,
     IMAGE_KEY,
@@ -137,6 +142,8 @@ class RefinementPanel(QWidget):
         self.queue_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.queue_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.queue_table.cellClicked.connect(reports_errors(lambda row, _column: self.load_case(self.queue[row].case_id)))
+        self.queue_label = QLabel("Review queue (most uncertain first)")
+        self.queue_label.setWordWrap(True)
 
         self.first_class = QComboBox()
         self.second_class = QComboBox()
@@ -158,8 +165,8 @@ class RefinementPanel(QWidget):
         self.report_text = QPlainTextEdit()
         self.report_text.setReadOnly(True)
         self.report_text.setMaximumHeight(90)
-        save_button = QPushButton("Save to workspace")
-        save_button.clicked.connect(reports_errors(self.save_to_workspace))
+        self.save_button = QPushButton("Save to workspace")
+        self.save_button.clicked.connect(reports_errors(self.save_to_workspace))
 
         tools = QGroupBox("Corrections")
         tools_layout = QFormLayout(tools)
@@ -178,20 +185,22 @@ class RefinementPanel(QWidget):
         tools_layout.addRow(relabel_row)
         tools_layout.addRow(check_button)
         tools_layout.addRow(self.report_text)
-        tools_layout.addRow(save_button)
+        tools_layout.addRow(self.save_button)
 
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItems(["tiny", "cpu", "paper"])
-        self.preset_combo.setCurrentText("cpu")
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1_000_000)
-        self.steps_spin.setValue(200)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(PRESETS)
+        self.preset_combo.currentTextChanged.connect(lambda preset: self.steps_spin.setValue(default_steps(preset, 2)))
+        self.preset_combo.setCurrentText(DEFAULT_PRESET)
+        self.steps_spin.setValue(default_steps(DEFAULT_PRESET, 2))
         self.method_combo = QComboBox()
-        self.method_combo.addItems(["mean-teacher", "supervised", "cps4"])
+        self.method_combo.addItems(METHODS)
+        self.method_combo.setCurrentText(DEFAULT_ROUND_METHOD)
         self.vlm_edit = QLineEdit()
         self.vlm_edit.setPlaceholderText("stage-1 run (for cps4)")
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.addItems(device_choices())
         self.retrain_button = QPushButton("Retrain (next round)")
         self.retrain_button.clicked.connect(reports_errors(self.retrain))
         self.progress_label = QLabel("")
@@ -210,11 +219,12 @@ class RefinementPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(workspace_row)
         layout.addLayout(data_row)
-        layout.addWidget(QLabel("Review queue (most uncertain first)"))
+        layout.addWidget(self.queue_label)
         layout.addWidget(self.queue_table)
         layout.addWidget(tools)
         layout.addWidget(rounds_box)
         self._fill_class_combos(scheme_of(None))
+        prepare_viewer(viewer)
 
     # workspace and queue -----------------------------------------------------------------
 
@@ -252,6 +262,7 @@ class RefinementPanel(QWidget):
             values = (entry.case_id, entry.state, f"{entry.uncertainty.score:.3f}", classes)
             for column, value in enumerate(values):
                 self.queue_table.setItem(row, column, QTableWidgetItem(value))
+        self.queue_label.setText(_queue_caption(workspace, len(self.queue)))
         self.plot.show_rounds(workspace.rounds)
 
     def load_case(self, case_id: str) -> Labels:
@@ -269,6 +280,7 @@ class RefinementPanel(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         image_layer = self.viewer.add_image(data, **attributes)
+        show_sagittal(self.viewer, image_layer)
         data, attributes, _ = labels_layer_data(
             labels, image.affine, workspace.version_path(case_id), f"{case_id} labels", workspace.scheme
         )
@@ -331,6 +343,8 @@ class RefinementPanel(QWidget):
 
     def swap(self, first: int, second: int) -> None:
         """Exchange two classes in the target layer."""
+        if first is None or second is None:
+            raise CPS4Error("choose the two classes to swap (classes 1 and 2)")
         layer = self.target_layer()
         scheme = self._scheme(layer)
         swapped = correction.swap_classes(np.asarray(layer.data), int(first), int(second), scheme)
@@ -370,7 +384,10 @@ class RefinementPanel(QWidget):
                 raise CPS4Error(f"voxel {text!r}: give three integers i, j, k")
         else:
             voxel = self.cursor_voxel()
-        self.relabel_at(voxel, self.first_class.currentData())
+        new_class = self.first_class.currentData()
+        if new_class is None:
+            raise CPS4Error("choose the new class as class 1 first")
+        self.relabel_at(voxel, new_class)
 
     # rounds -------------------------------------------------------------------------------
 
@@ -394,6 +411,7 @@ class RefinementPanel(QWidget):
         worker.finished.connect(self._round_finished)
         worker.errored.connect(self._round_failed)
         self.retrain_button.setEnabled(False)
+        self.save_button.setEnabled(False)
         self.progress_label.setText(f"round {workspace.current_round + 1}: starting")
         self.worker = worker
         worker.start()
@@ -404,15 +422,14 @@ class RefinementPanel(QWidget):
 
     def _round_finished(self) -> None:
         self.retrain_button.setEnabled(True)
+        self.save_button.setEnabled(True)
         if self.workspace is not None:
             self.workspace = Workspace.open(self.workspace.root)
             self.refresh_queue()
 
     def _round_failed(self, error: Exception) -> None:
-        self.retrain_button.setEnabled(True)
         self.progress_label.setText(f"round failed: {error}")
-        if isinstance(error, CPS4Error):
-            show_error(str(error))
+        show_error(f"CPS4 refinement round failed: {error}")
 
     # internals ----------------------------------------------------------------------------
 
@@ -422,8 +439,21 @@ class RefinementPanel(QWidget):
         return self.workspace
 
     def _fill_class_combos(self, scheme: LabelScheme) -> None:
+        # Foreground classes only, none chosen: a swap or relabel is always the user's pick.
         for combo in (self.first_class, self.second_class):
             combo.clear()
             for info in scheme.classes:
-                combo.addItem(f"{info.short} ({info.id})", info.id)
-        self.second_class.setCurrentIndex(min(2, self.second_class.count() - 1))
+                if info.id in scheme.foreground_ids:
+                    combo.addItem(f"{info.short} ({info.id})", info.id)
+            combo.setCurrentIndex(-1)
+            combo.setPlaceholderText("class")
+
+
+def _queue_caption(workspace: Workspace, queued: int) -> str:
+    """The queue's heading; for an empty queue, why it is empty and what to do next."""
+    if queued:
+        return f"Review queue: {queued} cases, most uncertain first"
+    if not workspace.unreviewed():
+        return "Review queue empty: every training case has a complete, reviewed mask"
+    return ("Review queue empty: no unreviewed case has a machine prediction yet; "
+            "press Retrain to run a round, which predicts them")

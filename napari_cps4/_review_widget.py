@@ -7,12 +7,14 @@ mean confidence (from the prediction's probabilities; blank for a layer without 
 review status (``pending``, ``accepted``, ``needs edit``, ``rejected``), and the class
 prompt.
 
-*Class layers* adds, on demand, one labels layer per class (views for inspection;
+*Class layers* adds, on demand, one labels layer per class, named by the class first
+(``L3 · <layer>``) so the layer list shows which is which (views for inspection;
 corrections go into the combined layer with napari's own paint, erase and fill tools):
 the table's *Show* box toggles a class layer, the opacity slider sets the selected
 class's layer opacity, *Solo* shows only the selected class.
 
-*Save* writes the reviewed mask atomically, keeping the previous file as
+*Save* writes the reviewed mask (by default where the image's dataset layout keeps its
+mask, :func:`cps4_engine.layouts.mask_path_for_image`) atomically, keeping the previous file as
 ``previous_versions/<name>.prev-<n>.nii.gz``: accepted and needs-edit (corrected) classes are kept,
 rejected and still-pending classes are erased, and the partial-mask sidecar lists the
 kept classes — so the case joins the labeled set of the next training round as reviewed.
@@ -39,7 +41,7 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import FunctionWorker, create_worker
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
@@ -62,10 +64,12 @@ from qtpy.QtWidgets import (
 from cps4_engine.errors import CPS4Error
 from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
-from napari_cps4._common import LayerCombo, color_icon, reports_errors
+from cps4_engine.layouts import mask_path_for_image
+from napari_cps4._common import LayerCombo, color_icon, reports_errors, scroll_area
 from napari_cps4._layers import IMAGE_KEY, SOURCE_KEY, labels_layer_data, layer_affine, scheme_of
 from napari_cps4._refine import RefinementPanel
-from napari_cps4._storage import mask_path_for_image, save_mask
+from napari_cps4._storage import save_mask
+from napari_cps4._view import prepare_viewer
 from napari_cps4._workers import predict
 
 STATUSES = ("pending", "accepted", "needs edit", "rejected")
@@ -101,10 +105,10 @@ class ReviewWidget(QWidget):
         self.run_edit = QLineEdit()
         self.run_edit.setPlaceholderText("stage-2 run folder")
         self.infer_button = QPushButton("Run inference")
-        self.infer_button.clicked.connect(self._infer_clicked)
+        self.infer_button.clicked.connect(reports_errors(self.run_inference))
         self.labels_combo = LayerCombo(napari_viewer, Labels)
         self.use_layer_button = QPushButton("Review layer")
-        self.use_layer_button.clicked.connect(self._use_layer_clicked)
+        self.use_layer_button.clicked.connect(reports_errors(self._use_layer_clicked))
         labels_row = QHBoxLayout()
         labels_row.addWidget(self.labels_combo)
         labels_row.addWidget(self.use_layer_button)
@@ -121,26 +125,28 @@ class ReviewWidget(QWidget):
         self.class_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.class_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.class_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.class_table.cellDoubleClicked.connect(lambda row, _column: self.jump_to_class(self.class_ids[row]))
+        self.class_table.cellDoubleClicked.connect(
+            reports_errors(lambda row, _column: self.jump_to_class(self.class_ids[row]))
+        )
         self.class_table.itemChanged.connect(self._show_box_changed)
 
         self.accept_button = QPushButton("Accept")
-        self.accept_button.clicked.connect(lambda: self._set_selected_status("accepted"))
+        self.accept_button.clicked.connect(reports_errors(lambda: self._set_selected_status("accepted")))
         self.edit_button = QPushButton("Needs edit")
-        self.edit_button.clicked.connect(lambda: self._set_selected_status("needs edit"))
+        self.edit_button.clicked.connect(reports_errors(lambda: self._set_selected_status("needs edit")))
         self.reject_button = QPushButton("Reject")
-        self.reject_button.clicked.connect(lambda: self._set_selected_status("rejected"))
+        self.reject_button.clicked.connect(reports_errors(lambda: self._set_selected_status("rejected")))
         self.jump_button = QPushButton("Jump to")
-        self.jump_button.clicked.connect(self._jump_clicked)
+        self.jump_button.clicked.connect(reports_errors(lambda: self.jump_to_class(self._selected_class())))
         status_row = QHBoxLayout()
         for button in (self.accept_button, self.edit_button, self.reject_button, self.jump_button):
             status_row.addWidget(button)
 
         self.split_button = QPushButton("Class layers")
         self.split_button.setToolTip("one labels layer per class, for toggling and solo viewing")
-        self.split_button.clicked.connect(self._split_clicked)
+        self.split_button.clicked.connect(reports_errors(self.split_class_layers))
         self.solo_button = QPushButton("Solo")
-        self.solo_button.clicked.connect(self._solo_clicked)
+        self.solo_button.clicked.connect(reports_errors(self._toggle_solo))
         self.opacity_slider = QSlider(Qt.Orientation.Horizontal)
         self.opacity_slider.setRange(0, 100)
         self.opacity_slider.setValue(70)
@@ -155,7 +161,7 @@ class ReviewWidget(QWidget):
         self.save_edit = QLineEdit()
         self.save_edit.setPlaceholderText("mask file to write (.nii.gz)")
         self.save_button = QPushButton("Save reviewed mask")
-        self.save_button.clicked.connect(self._save_clicked)
+        self.save_button.clicked.connect(reports_errors(self.save))
         save_row = QHBoxLayout()
         save_row.addWidget(self.save_edit)
         save_row.addWidget(self.save_button)
@@ -173,10 +179,13 @@ class ReviewWidget(QWidget):
         review_layout.addWidget(self.status_label)
 
         self.tabs = QTabWidget()
-        self.tabs.addTab(review_page, "Review")
-        self._add_refinement_tab()
+        self.tabs.addTab(scroll_area(review_page), "Review")
+        self.refinement_panel = RefinementPanel(self.viewer, review_widget=self)
+        self.tabs.addTab(scroll_area(self.refinement_panel), "Refine")
         layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
+        prepare_viewer(napari_viewer)
 
         self.shortcuts: dict[str, QShortcut] = {}
         actions = {
@@ -185,7 +194,7 @@ class ReviewWidget(QWidget):
             "reject": lambda: self._set_selected_status("rejected"),
             "next": lambda: self._step_class(1),
             "previous": lambda: self._step_class(-1),
-            "solo": self._solo_clicked,
+            "solo": self._toggle_solo,
         }
         for name, action in actions.items():
             shortcut = QShortcut(QKeySequence(SHORTCUTS[name]), self)
@@ -233,6 +242,7 @@ class ReviewWidget(QWidget):
             self.viewer.layers.remove(name)
         layer = self.viewer.add_labels(data, **attributes)
         self.review(layer, image_layer, prediction)
+        self.status_label.setText(f"{name}: {len(self.class_ids)} classes to review")
         return layer
 
     def review(
@@ -247,8 +257,7 @@ class ReviewWidget(QWidget):
         image_path = labels_layer.metadata.get(IMAGE_KEY) or (
             self.image_layer.metadata.get(SOURCE_KEY) if self.image_layer is not None else None
         )
-        if image_path:
-            self.save_edit.setText(str(mask_path_for_image(image_path)))
+        self.save_edit.setText(_default_mask_path(image_path))
         self.refresh_class_table()
         self.viewer.layers.selection.active = labels_layer
 
@@ -324,7 +333,7 @@ class ReviewWidget(QWidget):
         for class_id in self.class_ids:
             only = np.where(data == class_id, class_id, 0).astype(data.dtype)
             attributes = {
-                "name": f"{layer.name} · {names.get(class_id, class_id)}",
+                "name": f"{names.get(class_id, class_id)} · {layer.name}",
                 "scale": tuple(layer.scale),
                 "translate": tuple(layer.translate),
                 "colormap": layer.colormap,
@@ -375,10 +384,6 @@ class ReviewWidget(QWidget):
 
     # internals -------------------------------------------------------------------------------
 
-    def _add_refinement_tab(self) -> None:
-        self.refinement_panel = RefinementPanel(self.viewer, review_widget=self)
-        self.tabs.addTab(self.refinement_panel, "Refine")
-
     def _mean_confidence(self, data: np.ndarray) -> dict[int, float]:
         prediction = self.prediction
         if prediction is None or getattr(prediction, "confidence", None) is None:
@@ -398,16 +403,17 @@ class ReviewWidget(QWidget):
         return self.labels_layer
 
     def _selected_class(self) -> int:
-        row = self.class_table.currentRow()
-        if not 0 <= row < len(self.class_ids):
+        if not self.class_ids:
+            raise CPS4Error("nothing to review yet; run inference or choose a labels layer first")
+        rows = [index.row() for index in self.class_table.selectionModel().selectedRows()]
+        if not rows or not 0 <= rows[0] < len(self.class_ids):
             raise CPS4Error("select a class in the table first")
-        return self.class_ids[row]
+        return self.class_ids[rows[0]]
 
     def _set_selected_status(self, status: str) -> None:
         class_id = self._selected_class()
-        row = self.class_table.currentRow()
         self.set_status(class_id, status)
-        self.class_table.selectRow(row)
+        self.class_table.selectRow(self.class_ids.index(class_id))
 
     def _step_class(self, offset: int) -> None:
         if not self.class_ids:
@@ -440,39 +446,32 @@ class ReviewWidget(QWidget):
             self.labels_layer.opacity = value / 100
 
     def _inference_failed(self, error: Exception) -> None:
-        # napari's worker already relays the error to the viewer's notifications.
+        # A worker with its own errored handler does not notify the viewer; say it here.
         self.status_label.setText(f"inference failed: {error}")
+        show_error(f"CPS4 inference failed: {error}")
 
     def _inference_finished(self) -> None:
         self.worker = None
         self.infer_button.setEnabled(True)
 
-    @reports_errors
-    def _infer_clicked(self, checked: bool = False) -> None:
-        self.run_inference()
-
-    @reports_errors
-    def _use_layer_clicked(self, checked: bool = False) -> None:
+    def _use_layer_clicked(self) -> None:
         layer = self.labels_combo.layer()
         if layer is None:
             raise CPS4Error("there is no labels layer to review")
         self.review(layer)
 
-    @reports_errors
-    def _jump_clicked(self, checked: bool = False) -> None:
-        self.jump_to_class(self._selected_class())
-
-    @reports_errors
-    def _split_clicked(self, checked: bool = False) -> None:
-        self.split_class_layers()
-
-    @reports_errors
-    def _solo_clicked(self, checked: bool = False) -> None:
+    def _toggle_solo(self) -> None:
         self.solo(None if self._solo else self._selected_class())
 
-    @reports_errors
-    def _save_clicked(self, checked: bool = False) -> None:
-        self.save()
+
+def _default_mask_path(image_path: str | None) -> str:
+    """Where the image's dataset layout keeps its mask, or "" when that is not known."""
+    if not image_path:
+        return ""
+    try:
+        return str(mask_path_for_image(image_path))
+    except CPS4Error:
+        return ""
 
 
 def _shortcut_help() -> str:

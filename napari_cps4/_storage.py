@@ -1,15 +1,9 @@
-"""Where the plugin saves masks, and keeping the version it is about to replace.
+"""Saving masks, and keeping the version a save is about to replace.
 
-Mask locations follow the layout the image sits in, so the engine's dataset reader finds
-the new labels on the next training round:
-
-- MRSpineSeg ``<root>/MR/Case<N>.nii.gz`` → ``<root>/Mask/mask_case<N>.nii.gz``;
-- nnU-Net ``<root>/imagesTr/<case>_0000.nii.gz`` → ``<root>/labelsTr/<case>.nii.gz``;
-- anything else ``<folder>/<name>.nii.gz`` → ``<folder>/<name>_seg.nii.gz``.
-
-Images without a file (the sample data) become new MRSpineSeg cases in a labeled-set
-folder (:func:`new_case_paths`). Every save is atomic (:func:`cps4_engine.io.write_volume`)
-and an existing mask (and its partial-mask sidecar) is first copied to
+Where a mask goes is the dataset layout's rule (:mod:`cps4_engine.layouts`), so the
+engine's dataset reader finds the new labels on the next training round. Every save is
+atomic (:func:`cps4_engine.io.write_volume`) and an existing mask (and its partial-mask
+sidecar) is first copied to
 ``previous_versions/<name>.prev-<n>.nii.gz`` beside it — a subfolder, so dataset readers
 never mistake an old version for another case's mask.
 """
@@ -17,7 +11,6 @@ never mistake an old version for another case's mask.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -28,35 +21,7 @@ from cps4_engine.data import label_status_path, write_label_status
 from cps4_engine.io import write_volume
 from napari_cps4._layers import display_name
 
-MRSPINESEG_IMAGE = re.compile(r"^Case(\d+)$", re.IGNORECASE)
-NNUNET_CHANNEL = re.compile(r"_\d{4}$")
 PREVIOUS_FOLDER = "previous_versions"
-
-
-def mask_path_for_image(image_path: str | Path) -> Path:
-    """The mask file that belongs to ``image_path`` in its dataset layout (module docstring)."""
-    image_path = Path(image_path)
-    stem = display_name(image_path)
-    folder = image_path.parent
-    match = MRSPINESEG_IMAGE.match(stem)
-    if folder.name == "MR" and match:
-        return folder.parent / "Mask" / f"mask_case{match.group(1)}.nii.gz"
-    if folder.name.startswith("images"):
-        labels_folder = folder.parent / folder.name.replace("images", "labels", 1)
-        return labels_folder / f"{NNUNET_CHANNEL.sub('', stem)}.nii.gz"
-    return folder / f"{stem}_seg.nii.gz"
-
-
-def new_case_paths(root: str | Path) -> tuple[Path, Path]:
-    """Image and mask paths of the next free MRSpineSeg case number under ``root``."""
-    root = Path(root)
-    numbers = [
-        int(match.group(1))
-        for path in (root / "MR").glob("*.nii*")
-        if (match := MRSPINESEG_IMAGE.match(display_name(path)))
-    ]
-    number = max(numbers, default=0) + 1
-    return root / "MR" / f"Case{number}.nii.gz", root / "Mask" / f"mask_case{number}.nii.gz"
 
 
 def save_mask(

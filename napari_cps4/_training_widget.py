@@ -1,27 +1,34 @@
 """Training widget: stage 1 (prompt pretraining) and stage 2 (semi-supervised segmentation).
 
-The options mirror ``cps4 pretrain`` / ``cps4 train``: dataset, labeled volumes (a count
-such as ``2`` or a fraction such as ``0.05``), steps, size preset, device (those this
-machine has), text encoder (stage 1; empty = the installed pretrained MiniLM), method and
-stage-1 run (stage 2), output run folder.
+The options mirror ``cps4 pretrain`` / ``cps4 train`` and their lists and defaults come
+from :mod:`cps4_engine.options`: dataset, labeled volumes (a count such as ``2`` or a
+fraction such as ``0.05``), steps (the preset's default until changed), size preset,
+device (those this machine has), text encoder (stage 1; empty = the installed pretrained
+MiniLM), method and stage-1 run (stage 2), output run folder.
 
-*Start* runs the trainer's event generator in a napari thread worker: the viewer stays
-responsive, a napari progress bar and the dock's plot follow the loss and validation Dice.
-*Stop* sets the trainer's cancel token; the trainer saves a checkpoint and the viewer stays
-usable. GPU memory is released at the end. Errors appear as viewer notifications (napari's
-workers relay them) and in the status line. After
-stage 2, the chosen preview image is segmented and the prediction appears as a labels layer.
+*Start* first checks the split the run will draw (:func:`cps4_engine.data.plan_split`) and
+warns, as viewer notifications, about what would teach less than expected (no validation
+volumes, only partial masks); then it runs the trainer's event generator in a napari
+thread worker: the viewer stays responsive, a napari progress bar and the dock's plot
+follow the loss and validation Dice, and the status line says what the trainer does
+before its first step (reading volumes, caching stage-1 maps). *Stop* sets the trainer's
+cancel token; the trainer saves a checkpoint and the viewer stays usable; *Resume*
+continues the run in the run folder from its last checkpoint. GPU memory is released at
+the end. Errors appear as viewer notifications and in the status line, in the dock's
+words (its field names, not the command line's options). After stage 2, the chosen
+preview image is segmented and the prediction appears as a labels layer.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import napari
 from napari.layers import Image, Labels
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,21 +42,31 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from cps4_engine.device import available_devices
+from cps4_engine.data import plan_split, split_warnings
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent
 from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
+from cps4_engine.options import DEFAULT_LABELED, DEFAULT_METHOD, DEFAULT_PRESET, METHODS, PRESETS, default_steps, device_choices
 from cps4_engine.stage1 import Stage1Config
 from cps4_engine.stage2 import Stage2Config
-from napari_cps4._common import LayerCombo, reports_errors
+from napari_cps4._common import LayerCombo, reports_errors, scrolling
 from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
 from napari_cps4._plot import CurvePlot
 from napari_cps4._workers import TrainingResult, training_events
 
 STAGES = {"Stage 1 — prompt pretraining": 1, "Stage 2 — segmentation": 2}
-PRESETS = ("tiny", "cpu", "paper")
-METHODS = ("cps4", "mean-teacher", "supervised")
+# The dock's field for each command-line option the engine's messages name.
+OPTION_FIELDS = {
+    "--labeled": "Labeled volumes",
+    "--out": "Run folder",
+    "--vlm": "Stage-1 run",
+    "--max-steps": "Steps",
+    "--preset": "Preset",
+    "--device": "Device",
+    "--method": "Method",
+    "--text-encoder": "Text encoder",
+}
 
 
 class TrainingWidget(QWidget):
@@ -65,21 +82,23 @@ class TrainingWidget(QWidget):
         self._progress: progress | None = None
         self._stage = 1
         self._running_stage = 1
+        self._steps_edited = False
 
         self.stage_combo = QComboBox()
         self.stage_combo.addItems(list(STAGES))
         self.stage_combo.currentTextChanged.connect(self._stage_changed)
         self.data_edit = QLineEdit()
         self.data_edit.setPlaceholderText("dataset folder (any supported layout)")
-        self.labeled_edit = QLineEdit("2")
+        self.labeled_edit = QLineEdit(str(DEFAULT_LABELED))
         self.labeled_edit.setToolTip("labeled volumes: a count (2) or a fraction of the volumes (0.05)")
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1_000_000)
-        self.steps_spin.setValue(200)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(PRESETS)
+        self.preset_combo.setCurrentText(DEFAULT_PRESET)
+        self.preset_combo.currentTextChanged.connect(self._show_default_steps)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", *available_devices()])
+        self.device_combo.addItems(device_choices())
         self.text_encoder_edit = QLineEdit()
         self.text_encoder_edit.setPlaceholderText("default: pretrained MiniLM; 'tiny'; a folder or hub id")
         self.fine_tune_text_check = QCheckBox("Fine-tune the text encoder")
@@ -89,6 +108,7 @@ class TrainingWidget(QWidget):
         )
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
+        self.method_combo.setCurrentText(DEFAULT_METHOD)
         self.vlm_edit = QLineEdit()
         self.vlm_edit.setPlaceholderText("stage-1 run folder (for cps4)")
         self.out_edit = QLineEdit()
@@ -114,28 +134,39 @@ class TrainingWidget(QWidget):
         form.addRow(self.preview_label, self.preview_combo)
 
         self.start_button = QPushButton("Start")
-        self.start_button.clicked.connect(self._start_clicked)
+        self.start_button.clicked.connect(reports_errors(self.start))
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
-        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.clicked.connect(reports_errors(self.stop))
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("continue the run in the run folder from its last checkpoint")
+        self.resume_button.clicked.connect(reports_errors(lambda: self.start(resume=True)))
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.resume_button)
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
         self.plot = CurvePlot()
 
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status_label)
         layout.addWidget(self.plot)
+        layout.addStretch(1)
+        scrolling(self, content)
+        self.steps_spin.valueChanged.connect(self._steps_changed_by_user)
         self._stage_changed(self.stage_combo.currentText())
 
     # public API (used by the buttons and by tests) ----------------------------------------
 
-    def build_config(self) -> Stage1Config | Stage2Config:
+    def build_config(self, resume: bool = False) -> Stage1Config | Stage2Config:
         """The trainer configuration for the chosen stage, from the widget's fields.
+
+        Args:
+            resume: continue the run in the run folder instead of starting a new one.
 
         Raises:
             CPS4Error: a required field is empty or malformed.
@@ -150,6 +181,7 @@ class TrainingWidget(QWidget):
             "preset": self.preset_combo.currentText(),
             "max_steps": self.steps_spin.value(),
             "device": self.device_combo.currentText(),
+            "resume": resume,
         }
         if self._stage == 1:
             return Stage1Config(
@@ -164,15 +196,26 @@ class TrainingWidget(QWidget):
         vlm = Path(vlm_text) if method == "cps4" else None
         return Stage2Config(method=method, vlm=vlm, **common)
 
-    def start(self) -> GeneratorWorker:
-        """Start training the chosen stage in a thread worker; returns the worker.
+    def start(self, resume: bool = False) -> GeneratorWorker:
+        """Start (or, with ``resume``, continue) training the chosen stage in a thread worker.
+
+        Returns:
+            The worker.
 
         Raises:
-            CPS4Error: a run is already going, or the options are incomplete.
+            CPS4Error: a run is already going, the options are incomplete, or the split
+                they ask for cannot be drawn (in the dock's words).
         """
         if self.worker is not None:
             raise CPS4Error("a training run is already going; press Stop first")
-        config = self.build_config()
+        try:
+            config = self.build_config(resume)
+            if not resume:
+                split = plan_split(config.data, config.labeled, config.seed, config.train_cases, config.validation)
+                for warning in split_warnings(split):
+                    show_warning(f"CPS4 training: {warning}")
+        except CPS4Error as error:
+            raise CPS4Error(in_dock_words(str(error))) from None
         preview = self._preview_volume() if self._stage == 2 else None
         self.cancel_token = CancelToken()
         self.result = None
@@ -189,16 +232,22 @@ class TrainingWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.start_button.setEnabled(False)
+        self.resume_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        self.status_label.setText(f"{stage_name}: starting…")
+        self.status_label.setText(f"{stage_name}: {self._preparation(config)}…")
         worker.start()
         return worker
 
     def stop(self) -> None:
-        """Ask the running trainer to save a checkpoint and stop at its next step."""
-        if self.cancel_token is not None:
-            self.cancel_token.cancel()
-            self.status_label.setText("stopping after this step (a checkpoint is saved)…")
+        """Ask the running trainer to save a checkpoint and stop at its next step.
+
+        Raises:
+            CPS4Error: no run is going.
+        """
+        if self.worker is None or self.cancel_token is None:
+            raise CPS4Error("no training run is going")
+        self.cancel_token.cancel()
+        self.status_label.setText("stopping after this step (a checkpoint is saved; Resume continues)…")
 
     # worker signals ----------------------------------------------------------------------
 
@@ -215,13 +264,13 @@ class TrainingWidget(QWidget):
         elif event.kind == "validation" and "dice" in event.metrics:
             self.plot.add_dice(event.step, event.metrics["dice"])
         elif event.message:
-            self.status_label.setText(event.message)
+            self.status_label.setText(in_dock_words(event.message))
 
     def _on_returned(self, result: TrainingResult) -> None:
         self.result = result
         stopped = result.last_event is not None and result.last_event.kind == "cancelled"
         where = f" in {result.run_dir}"
-        self.status_label.setText(("stopped; checkpoint saved" if stopped else "finished") + where)
+        self.status_label.setText(("stopped; checkpoint saved (Resume continues)" if stopped else "finished") + where)
         if self._running_stage == 1:
             self.vlm_edit.setText(str(result.run_dir))
         if result.prediction is not None:
@@ -229,15 +278,19 @@ class TrainingWidget(QWidget):
         show_info(f"CPS4 training {'stopped' if stopped else 'finished'}{where}")
 
     def _on_error(self, error: Exception) -> None:
-        # napari's worker already relays the error to the viewer's notifications.
-        self.status_label.setText(f"failed: {error}")
+        # A worker with its own errored handler does not notify the viewer; say it here.
+        message = in_dock_words(str(error))
+        self.status_label.setText(f"failed: {message}")
+        show_error(f"CPS4 training failed: {message}")
 
     def _on_finished(self) -> None:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         self.worker = None
+        self.cancel_token = None
         self.start_button.setEnabled(True)
+        self.resume_button.setEnabled(True)
         self.stop_button.setEnabled(False)
 
     # internals ---------------------------------------------------------------------------
@@ -260,17 +313,45 @@ class TrainingWidget(QWidget):
             self.viewer.layers.remove(name)
         self.prediction_layer = self.viewer.add_labels(data, **attributes)
 
+    def _preparation(self, config: Stage1Config | Stage2Config) -> str:
+        """What the trainer does before its first event, which can take a while."""
+        if isinstance(config, Stage2Config) and config.method == "cps4":
+            return "reading the volumes and caching the stage-1 maps"
+        return "reading and preparing the volumes"
+
+    def _steps_changed_by_user(self, _value: int) -> None:
+        self._steps_edited = True
+
+    def _show_default_steps(self) -> None:
+        """Show the preset's default steps for the stage, unless the user typed a number."""
+        if not self._steps_edited:
+            self.steps_spin.blockSignals(True)
+            self.steps_spin.setValue(default_steps(self.preset_combo.currentText(), self._stage))
+            self.steps_spin.blockSignals(False)
+
     def _stage_changed(self, text: str) -> None:
         self._stage = STAGES[text]
+        self._show_default_steps()
         for widget in (self.text_encoder_label, self.text_encoder_edit, self.fine_tune_text_check):
             widget.setVisible(self._stage == 1)
         for widget in (self.method_label, self.method_combo, self.vlm_label, self.vlm_edit,
                        self.preview_label, self.preview_combo):
             widget.setVisible(self._stage == 2)
 
-    @reports_errors
-    def _start_clicked(self, checked: bool = False) -> None:
-        self.start()
+
+
+def in_dock_words(message: str) -> str:
+    """An engine message with the command line's options named as the dock's fields.
+
+    ``--labeled 2 asks for …`` -> ``'Labeled volumes' 2 asks for …``; "pass --resume" and
+    "resume with --resume" become "press Resume".
+    """
+    message = re.sub(r"(pass|resume with) --resume", "press Resume", message)
+    def field(match: re.Match[str]) -> str:
+        option = match.group(0)
+        return f"'{OPTION_FIELDS[option]}'" if option in OPTION_FIELDS else option
+
+    return re.sub(r"--[a-z][a-z-]*", field, message)
 
 
 def parse_labeled(text: str) -> int | float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cps4_engine.options import DEFAULT_DEVICE, DEFAULT_PRESET, DEFAULT_VALIDATION, DEVICES, PRESETS
+
 
 def count_or_fraction(text: str) -> int | float:
     """Parse ``--labeled``: an integer count (``2``) or a fraction (``0.05``)."""
@@ -34,13 +36,15 @@ def add_training_run_options(parser: argparse.ArgumentParser, *, batch_size_help
     parser.add_argument("--labeled", type=count_or_fraction, required=True, metavar="K",
                         help="labeled training volumes: a count (2) or a fraction (0.05)")
     parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
-    parser.add_argument("--preset", default="cpu", help="size preset: tiny, cpu (default) or paper")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"size preset: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
     parser.add_argument("--batch-size", type=int, help=batch_size_help)
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help=f"{', '.join(DEVICES)} or cuda:N (default {DEFAULT_DEVICE})")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--validation", type=count_or_fraction, default=0.1,
+    parser.add_argument("--validation", type=count_or_fraction, default=DEFAULT_VALIDATION,
                         help="validation volumes from the training volumes: count or fraction (default 0.1)")
     parser.add_argument("--train-cases", type=int,
                         help="only the first N cases are training volumes; the rest are never seen")

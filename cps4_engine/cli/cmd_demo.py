@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cps4_engine.options import PRESETS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sizes.add_argument("--cases", type=int, help="synthetic volumes to generate")
     sizes.add_argument("--train-cases", type=int, help="the first N volumes train, the rest are test volumes")
     sizes.add_argument("--labeled", type=int, help="labeled training volumes")
-    sizes.add_argument("--preset", choices=("tiny", "cpu", "paper"), help="model size preset")
+    sizes.add_argument("--preset", choices=PRESETS, help="model size preset")
     sizes.add_argument("--stage1-steps", type=int, help="stage-1 optimiser steps")
     sizes.add_argument("--stage2-steps", type=int, help="stage-2 optimiser steps")
     sizes.add_argument("--text-encoder", help="stage-1 text encoder: 'tiny', a model folder or a hub id")

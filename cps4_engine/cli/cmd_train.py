@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cps4_engine.cli._options import add_training_run_options
+from cps4_engine.options import DEFAULT_METHOD, METHODS, PSEUDO_LABELS
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
-
-METHOD_CHOICES = ("supervised", "mean-teacher", "cps4")
-PSEUDO_LABEL_CHOICES = ("teacher", "prompt", "fused")
 
 
 def register(subparsers: Any) -> None:
@@ -32,10 +30,10 @@ def register(subparsers: Any) -> None:
     )
     add_training_run_options(parser, batch_size_help="labeled slices per step (default: the preset's)",
                              seed_help="picks labeled volumes, initialises the network")
-    parser.add_argument("--method", choices=METHOD_CHOICES, default="cps4",
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help="supervised only, mean teacher without prompts, or CPS4 (default)")
     parser.add_argument("--vlm", type=Path, metavar="RUN", help="stage-1 run folder (cps4 pretrain); cps4 needs it")
-    parser.add_argument("--pseudo-label", choices=PSEUDO_LABEL_CHOICES, default=None,
+    parser.add_argument("--pseudo-label", choices=PSEUDO_LABELS, default=None,
                         help="cps4 pseudo-labels from the teacher, the prompt maps, or both (default fused)")
     parser.add_argument("--confidence-threshold", type=float, default=0.8,
                         help="ignore pseudo-labeled pixels less confident than this (default 0.8)")

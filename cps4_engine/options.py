@@ -1,0 +1,46 @@
+"""The choices and defaults that the command line and the napari docks offer, defined once.
+
+Methods, size presets, devices and the defaults of the training commands. Importing this
+module does not import torch (the command line builds its parsers from it at start-up);
+:func:`device_choices` asks torch which devices this machine has.
+"""
+
+from __future__ import annotations
+
+from cps4_engine.errors import CPS4Error
+from cps4_engine.presets import PRESET_NAMES, get_preset
+
+METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
+DEFAULT_METHOD = "cps4"
+# A refinement round retrains from human corrections; CPS4 would also need a stage-1 run.
+DEFAULT_ROUND_METHOD = "mean-teacher"
+PSEUDO_LABELS: tuple[str, ...] = ("teacher", "prompt", "fused")
+
+PRESETS: tuple[str, ...] = PRESET_NAMES
+DEFAULT_PRESET = "cpu"
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+DEFAULT_DEVICE = "auto"
+
+DEFAULT_LABELED = 2
+DEFAULT_VALIDATION = 0.1
+
+
+def default_steps(preset: str, stage: int) -> int:
+    """The preset's default number of optimiser steps for stage 1 or stage 2.
+
+    Raises:
+        CPS4Error: unknown preset, or a stage other than 1 and 2.
+    """
+    if stage not in (1, 2):
+        raise CPS4Error(f"stage must be 1 or 2, got {stage!r}")
+    settings = get_preset(preset)
+    return settings.max_steps if stage == 1 else settings.stage2_max_steps
+
+
+def device_choices() -> list[str]:
+    """``auto`` and the devices this machine has, best first (``cuda``/``mps`` only when present)."""
+    # Imported here: torch takes seconds to import and the command line must start fast.
+    from cps4_engine.device import available_devices
+
+    return [DEFAULT_DEVICE, *available_devices()]
