@@ -11,8 +11,8 @@ that pairs two volumes calls :func:`check_same_grid` first::
     check_same_grid(image, mask, what="mask")            # Volume, nibabel image, path or Grid
 
 A mismatch is one :class:`~cps4_engine.errors.CPS4Error` line naming both files and what
-differs, e.g. ``Mask/mask_case3.nii.gz: mask does not match image MR/Case3.nii.gz:
-origin differs by 10 mm``.
+differs, e.g. ``Mask/mask_case3.nii.gz: mask affine differs from the image's: origin
+10 mm away (image MR/Case3.nii.gz)``.
 """
 
 from __future__ import annotations
@@ -58,18 +58,23 @@ def _name(grid: Grid, fallback: str) -> str:
     return str(grid.path) if grid.path is not None else f"the {fallback} in memory"
 
 
-def grid_difference(reference: Grid, other: Grid, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> str | None:
-    """What differs between two grids in a few words, or None when they match."""
+def grid_difference(
+    reference: Grid, other: Grid, what: str = "mask", reference_what: str = "image",
+    tolerance_mm: float = AFFINE_TOLERANCE_MM,
+) -> str | None:
+    """What differs between two grids, in a few words, or None when they match."""
     if tuple(reference.shape[:3]) != tuple(other.shape[:3]):
-        return "shape " + "x".join(map(str, other.shape[:3])) + " vs " + "x".join(map(str, reference.shape[:3]))
+        return (f"{what} shape {'x'.join(map(str, other.shape[:3]))} differs from {reference_what} shape "
+                f"{'x'.join(map(str, reference.shape[:3]))}")
+    affine = f"{what} affine differs from the {reference_what}'s"
     codes = axis_codes(other.affine, other.path), axis_codes(reference.affine, reference.path)
     if codes[0] != codes[1]:
-        return f"orientation {','.join(codes[0])} vs {','.join(codes[1])} (mirrored or permuted axes)"
+        return f"{affine}: orientation {','.join(codes[0])} vs {','.join(codes[1])} (mirrored or permuted axes)"
     difference = np.abs(np.asarray(other.affine, np.float64) - np.asarray(reference.affine, np.float64))
     if difference[:3, 3].max() > tolerance_mm:
-        return f"origin differs by {np.linalg.norm(other.affine[:3, 3] - reference.affine[:3, 3]):.3g} mm"
+        return f"{affine}: origin {np.linalg.norm(other.affine[:3, 3] - reference.affine[:3, 3]):.3g} mm away"
     if difference[:3, :3].max() > tolerance_mm:
-        return f"voxel axes (spacing or direction) differ by up to {difference[:3, :3].max():.3g} mm"
+        return f"{affine}: voxel axes (spacing or direction) differ by up to {difference[:3, :3].max():.3g} mm"
     return None
 
 
@@ -91,9 +96,9 @@ def check_same_grid(
             origin, spacing/direction).
     """
     reference_grid, other_grid = Grid.of(reference), Grid.of(other)
-    difference = grid_difference(reference_grid, other_grid, tolerance_mm)
+    difference = grid_difference(reference_grid, other_grid, what, reference_what, tolerance_mm)
     if difference is not None:
         raise CPS4Error(
-            f"{what} does not match {reference_what} {_name(reference_grid, reference_what)}: {difference}",
+            f"{difference} ({reference_what} {_name(reference_grid, reference_what)})",
             path=_name(other_grid, what),
         )

@@ -342,6 +342,37 @@ def _check_affine(affine: np.ndarray, name: str, path: Path) -> None:
         )
 
 
+def header_notes(path: str | Path) -> list[str]:
+    """What is unusual but readable about a NIfTI header, one sentence each (for ``cps4 info``).
+
+    Raises:
+        CPS4Error: the header is refused (see :func:`read_volume`).
+    """
+    path = Path(path)
+    _check_file(path)
+    header = _raw_header(path)
+    _check_header(header, path)
+    notes = []
+    if isinstance(header, nib.Nifti2Header):
+        notes.append("NIfTI-2 header")
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code == 0:
+        notes.append(f"geometry from the qform (code {qform_code}); the sform is unset")
+    elif qform_code > 0:
+        gap = float(np.abs(header.get_sform() - header.get_qform()).max())
+        if gap > 1e-3:
+            notes.append(f"sform and qform disagree by up to {gap:.3g} mm; the sform (code {sform_code}) is used")
+    slope, inter = (float(header[k]) for k in ("scl_slope", "scl_inter"))
+    if np.isfinite(slope) and slope not in (0.0, 1.0) or np.isfinite(inter) and inter != 0.0 and slope != 0.0:
+        notes.append(f"stored values are scaled (scl_slope {slope:g}, scl_inter {inter:g})")
+    affine = header.get_sform() if sform_code > 0 else header.get_qform()
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    oblique = float(np.degrees(np.arccos(np.clip(np.abs(directions).max(axis=0), -1, 1))).max())
+    if oblique > 1.0:
+        notes.append(f"oblique: voxel axes up to {oblique:.1f} degrees from the anatomical axes")
+    return notes
+
+
 def read_header(path: str | Path) -> nib.Nifti1Image:
     """Open a NIfTI file lazily (header only) after the header checks of :func:`read_volume`.
 

@@ -9,17 +9,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _bad_nifti import flip_bytes, nifti_with
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import (
     Volume,
     atomic_write,
     from_sagittal,
+    header_notes,
     nifti_stem,
     read_volume,
     sagittal_spacing,
     to_sagittal,
     write_volume,
 )
+from cps4_engine.labels import mrspineseg_scheme
 
 
 def _marker_volume(shape=(6, 7, 5)) -> np.ndarray:
@@ -227,3 +230,78 @@ def test_every_real_case_round_trips(realdata, tmp_path):
                     assert set(np.unique(source.array)) - {0} == set(case["labels"])
             count += 1
     assert count == sum(len(subset["cases"]) for subset in index.values())
+
+
+# ----- header validation at read time (issue 13) -------------------------------------
+
+SAGITTAL_LAST = np.array([[0.0, 0, -4.0, 0], [0, -1.0, 0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 1]])  # I, P, L
+
+
+def _volume(dtype=np.int16) -> np.ndarray:
+    return (np.arange(6 * 7 * 5) % 19).reshape(6, 7, 5).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "fields, shape, message",
+    [
+        ({"sform_code": 0, "qform_code": 0}, None, "no usable sform or qform"),
+        ({"vox_offset": 0}, None, "vox_offset 0 points inside the header"),
+        ({"vox_offset": 100}, None, "vox_offset 100 points inside the header"),
+        ({"srow_z": [0.0, 0.0, 0.0, 0.0]}, None, "sform is singular"),
+        ({"srow_x": [np.nan, 0.0, 0.0, 0.0]}, None, "sform holds NaN"),
+        ({"sform_code": 0, "pixdim": [1, 1, 0, 4, 1, 1, 1, 1]}, None, "qform voxel spacing .* 1, 0, 4"),
+        ({"sform_code": 0, "pixdim": [1, -1, 1, 4, 1, 1, 1, 1]}, None, "must be positive"),
+        ({"sform_code": 0, "quatern_b": np.inf}, None, "qform holds NaN"),
+        ({}, (6, 0, 5), "dimension of 0"),
+        ({}, (30000, 30000, 30000), "more than this machine's"),
+        ({"scl_slope": 1e38}, None, "beyond 32-bit floats"),
+    ],
+    ids=["no-sform-qform", "vox-offset-0", "vox-offset-100", "singular-sform", "nan-sform",
+         "qform-pixdim-0", "qform-pixdim-negative", "inf-quaternion", "dimension-0", "huge", "scl-slope-1e38"],
+)
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_bad_headers_are_refused_in_one_line(tmp_path, fields, shape, message, suffix):
+    path = nifti_with(tmp_path / f"bad{suffix}", _volume(), SAGITTAL_LAST, shape=shape, **fields)
+    with pytest.raises(CPS4Error, match=message) as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+def test_qform_only_header_reads_its_geometry_and_is_noted(tmp_path):
+    path = nifti_with(tmp_path / "qform.nii.gz", _volume(), SAGITTAL_LAST, sform_code=0)
+    volume = read_volume(path)
+    assert volume.orientation == ("I", "P", "L") and volume.sagittal_axis == 2
+    np.testing.assert_allclose(volume.affine, SAGITTAL_LAST, atol=1e-6)
+    assert header_notes(path) == ["geometry from the qform (code 1); the sform is unset"]
+    assert header_notes(write_volume(tmp_path / "plain.nii.gz", _volume(), SAGITTAL_LAST)) == []
+
+
+def test_flipped_bytes_fail_the_gzip_crc(tmp_path):
+    path = write_volume(tmp_path / "scan.nii.gz", np.random.default_rng(0).integers(0, 2928, (40, 40, 12)).astype(np.int16), SAGITTAL_LAST)
+    size = path.stat().st_size
+    flip_bytes(path, size // 2, 16)
+    with pytest.raises(CPS4Error, match="corrupt|truncated") as error:
+        read_volume(path)
+    _one_line(error, path)
+
+
+@pytest.mark.parametrize("dtype, value", [(np.int64, 2**33 + 3), (np.uint32, 2**32 - 5), (np.int32, -1)])
+def test_label_values_are_never_wrapped_into_class_ids(tmp_path, dtype, value):
+    labels = np.zeros((6, 7, 5), dtype=dtype)
+    labels[1, 1, 1] = value
+    path = nifti_with(tmp_path / "seg.nii.gz", labels, SAGITTAL_LAST)
+    with pytest.raises(CPS4Error, match=f"{value}") as error:
+        read_volume(path, kind="label")
+    _one_line(error, path)
+
+
+def test_wide_integer_labels_are_narrowed_and_checked_against_the_scheme(tmp_path):
+    labels = np.zeros((6, 7, 5), dtype=np.int64)
+    labels[1, 1, 1] = 4
+    path = nifti_with(tmp_path / "seg.nii.gz", labels, SAGITTAL_LAST)
+    read = read_volume(path, kind="label", scheme=mrspineseg_scheme())
+    assert read.array.dtype == np.uint8 and int(read.array.max()) == 4
+    labels[1, 1, 1] = 25
+    nifti_with(path, labels, SAGITTAL_LAST)
+    with pytest.raises(CPS4Error, match="25 are outside"):
+        read_volume(path, kind="label", scheme=mrspineseg_scheme())

@@ -27,7 +27,7 @@ def describe_volume(path: Path) -> list[str]:
     """Report lines for one NIfTI file."""
     import numpy as np
 
-    from cps4_engine.io import read_volume, sagittal_layout
+    from cps4_engine.io import header_notes, read_volume, sagittal_layout
     from cps4_engine.labels import mrspineseg_scheme
 
     volume = read_volume(path, kind="image")
@@ -42,6 +42,7 @@ def describe_volume(path: Path) -> list[str]:
         f"({volume.shape[volume.sagittal_axis]} sagittal slices)",
         f"dtype:        {array.dtype}",
         f"intensity:    {array.min():g} .. {array.max():g}",
+        *(f"note:         {note}" for note in header_notes(path)),
     ]
     integer_valued = np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.round(array))
     values, counts = np.unique(array, return_counts=True) if integer_valued else (None, None)
