@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.io import write_bytes_atomic
 
 CONFIG_NAME = "config.json"
+HISTORY_NAME = "history.json"
+STATE_NAME = "train_state.safetensors"
 _STATE_KEY = "cps4_training_state"
 
 
@@ -121,8 +124,223 @@ def _scheme_name(scheme: Any) -> str | None:
     return getattr(scheme, "name", None)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and low <= v <= high), f"an integer from {low} to {high}"
+
+
+def _float_in(low: float, high: float, *, above_low: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        return (value > low if above_low else value >= low) and value <= high
+
+    return check, f"a finite number {'above' if above_low else 'from'} {low:g} {'and at most' if above_low else 'to'} {high:g}"
+
+
+def _int_list(min_length: int, max_length: int, low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    def check(value: Any) -> bool:
+        return (isinstance(value, list) and min_length <= len(value) <= max_length
+                and all(_is_int(v) and low <= v <= high for v in value))
+
+    return check, f"a list of {min_length}-{max_length} integers from {low} to {high}"
+
+
+def _one_of(*names: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in names), "one of " + ", ".join(names)
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_SLICE_SIZE = _int_list(2, 2, 8, 4096)
+_CHANNELS = _int_list(1, 8, 1, 4096)
+# Ranges are generous (the paper preset is far inside them) but bounded: a run folder is
+# user input, and num_res_units 1e9 or a 10^6-channel layer would hang or exhaust memory
+# before any error.
+_PRESET_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "slice_size": _SLICE_SIZE,
+    "batch_size": _int_in(1, 4096),
+    "learning_rate": _float_in(0.0, 10.0, above_low=True),
+    "max_steps": _int_in(1, 10**8),
+    "validation_every": _int_in(1, 10**8),
+    "image_encoder": _one_of("unet", "unetr"),
+    "encoder_channels": _CHANNELS,
+    "vit_hidden_size": _int_in(0, 8192),
+    "vit_layers": _int_in(0, 64),
+    "vit_heads": _int_in(0, 128),
+    "vit_mlp_dim": _int_in(0, 32768),
+    "patch_size": _int_in(0, 512),
+    "unetr_feature_size": _int_in(0, 1024),
+    "embed_dim": _int_in(1, 8192),
+    "attention_dim": _int_in(1, 8192),
+    "attention_stride": _int_in(1, 64),
+    "text_max_length": _int_in(1, 4096),
+    "seg_channels": _CHANNELS,
+    "stage2_batch_size": _int_in(1, 4096),
+    "stage2_learning_rate": _float_in(0.0, 10.0, above_low=True),
+    "stage2_max_steps": _int_in(1, 10**8),
+    "encoder_res_units": _int_in(0, 8),
+    "keep_aspect": _BOOL,
+    "context_slices": _int_in(0, 16),
+    "fov_shift": _float_in(0.0, 1.0),
+}
+_SEGMENTER_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "in_channels": _int_in(1, 64),
+    "out_channels": _int_in(2, 1024),
+    "channels": _CHANNELS,
+    "strides": _int_list(0, 7, 1, 8),
+    "num_res_units": _int_in(0, 8),
+    "norm": ((lambda v: isinstance(v, str) and 0 < len(v) < 40), "a normalisation name"),
+    "dropout": ((lambda v: _float_in(0.0, 1.0)[0](v) and v < 1.0), "a finite number from 0 to below 1"),
+    "slice_size": _SLICE_SIZE,
+    "context_slices": _int_in(0, 16),
+    "keep_aspect": _BOOL,
+}
+_RUN_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_steps": _int_in(1, 10**8),
+    "batch_size": _int_in(1, 4096),
+    "learning_rate": _float_in(0.0, 10.0, above_low=True),
+    "validation_every": _int_in(1, 10**8),
+}
+#: Deeper JSON than this is not a run configuration (and would exhaust the recursion
+#: of the code that walks it).
+MAX_CONFIG_DEPTH = 12
+
+
+def _depth(value: Any) -> int:
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_CONFIG_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _check_section(section: Any, schema: dict, where: str, path: Path) -> None:
+    if not isinstance(section, dict):
+        raise CPS4Error(f"'{where}' must be an object, not {type(section).__name__}", path=path)
+    for key, (check, description) in schema.items():
+        if key in section and not check(section[key]):
+            shown = json.dumps(section[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise CPS4Error(f"'{where}.{key}' is {shown}; it must be {description}", path=path)
+
+
+def _check_run_schema(config: dict[str, Any], path: Path) -> None:
+    """Refuse a tampered ``config.json`` before any network is built from it."""
+    if _depth(config) > MAX_CONFIG_DEPTH:
+        raise CPS4Error(f"nested more than {MAX_CONFIG_DEPTH} levels deep; not a run configuration", path=path)
+    _check_section(config, _RUN_SCHEMA, "run", path)
+    scheme = config.get("scheme")
+    if scheme is not None and not isinstance(scheme, (str, dict)):
+        raise CPS4Error("'scheme' must be a scheme name or object", path=path)
+    classes = scheme.get("classes") if isinstance(scheme, dict) else None
+    if isinstance(scheme, dict) and "classes" in scheme and (not isinstance(classes, list) or not 2 <= len(classes) <= 1024):
+        raise CPS4Error("'scheme.classes' must list 2 to 1024 classes", path=path)
+    if "preset" in config:
+        _check_section(config["preset"], _PRESET_SCHEMA, "preset", path)
+    if "preprocessing" in config:
+        _check_section(config["preprocessing"], {"slice_size": _SLICE_SIZE, "context_slices": _int_in(0, 16)},
+                       "preprocessing", path)
+    segmenter = config.get("segmenter")
+    if segmenter is None:
+        return
+    _check_section(segmenter, _SEGMENTER_SCHEMA, "segmenter", path)
+    strides, channels = segmenter.get("strides", []), segmenter.get("channels", [])
+    if len(strides) != len(channels) - 1:
+        raise CPS4Error(f"'segmenter.strides' needs {len(channels) - 1} entries, one between each of the "
+                        f"{len(channels)} channel levels, not {len(strides)}", path=path)
+    factor = math.prod(strides)
+    if any(size % factor for size in segmenter.get("slice_size", [])):
+        raise CPS4Error(f"'segmenter.slice_size' {segmenter['slice_size']} is not divisible by {factor}, "
+                        "the product of its strides", path=path)
+    context = segmenter.get("context_slices")
+    if context is not None and segmenter.get("in_channels", 1 + 2 * context) != 1 + 2 * context:
+        raise CPS4Error(f"'segmenter.in_channels' must be {1 + 2 * context} for {context} context slices "
+                        "on each side", path=path)
+    if classes is not None and segmenter.get("out_channels", len(classes)) != len(classes):
+        raise CPS4Error(f"'segmenter.out_channels' {segmenter['out_channels']} does not match the scheme's "
+                        f"{len(classes)} classes", path=path)
+
+
+def read_history(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Read a run's ``history.json``: ``{"steps": [...], "validation": [...]}``.
+
+    Every entry is an object with an integer ``step``; a missing file is an empty history.
+
+    Raises:
+        CPS4Error: unreadable, or not of that shape (e.g. a list).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {"steps": [], "validation": []}
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CPS4Error(f"unreadable training history ({type(error).__name__})", path=path) from None
+    if not isinstance(history, dict):
+        raise CPS4Error(f"training history must be an object of lists, not a {type(history).__name__}", path=path)
+    for key in ("steps", "validation"):
+        entries = history.setdefault(key, [])
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and _is_int(e.get("step")) and e["step"] >= 0 for e in entries
+        ):
+            raise CPS4Error(f"training history '{key}' must be a list of entries with a step number", path=path)
+    return history
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= min(path.stat().st_size - 8, 100 * 2**20):
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(length))
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError) as error:
+        raise CPS4Error(f"not a readable safetensors file ({_short(error)})", path=path) from None
+    return metadata
+
+
+def _check_training_state(path: Path) -> dict[str, Any]:
+    metadata = _safetensors_metadata(path)
+    if _STATE_KEY not in metadata:
+        raise CPS4Error("not a cps4 training state file", path=path)
+    try:
+        state = json.loads(metadata[_STATE_KEY])
+    except (json.JSONDecodeError, RecursionError, TypeError) as error:
+        raise CPS4Error(f"training state is damaged ({type(error).__name__})", path=path) from None
+    if not isinstance(state, dict) or not _is_int(state.get("step")) or state["step"] < 0:
+        raise CPS4Error("training state is damaged (no step count)", path=path)
+    for key in ("optimizer", "random"):
+        if not isinstance(state.get(key), dict):
+            raise CPS4Error(f"training state is damaged (no {key} state)", path=path)
+    if not isinstance(state.get("generators", {}), dict) or not isinstance(state.get("extra", {}), dict):
+        raise CPS4Error("training state is damaged (generators or extra values malformed)", path=path)
+    return state
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) < 100 else text[:97] + "..."
+
+
 def read_run_config(run_dir: str | Path, stage: int, scheme: Any = None) -> dict[str, Any]:
-    """Read ``run_dir/config.json`` and check it belongs to a stage-``stage`` run.
+    """Read ``run_dir/config.json``, check it against the run schema and the caller's needs.
+
+    Before any tensor is built from the run: every configuration value the networks and
+    trainers use is checked for type and range (slice sizes, channels, strides, residual
+    units, dropout, context slices, learning rates ...), the segmenter's output classes
+    against the scheme, and, when present, ``history.json`` and the header of
+    ``train_state.safetensors``.
 
     Args:
         run_dir: the run folder.
@@ -132,7 +350,8 @@ def read_run_config(run_dir: str | Path, stage: int, scheme: Any = None) -> dict
 
     Raises:
         CPS4Error: the folder is missing, has no readable config, is another stage's run,
-            or was trained for another scheme.
+            was trained for another scheme, or holds a value outside the schema; one
+            line naming the file and the field.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -142,16 +361,51 @@ def read_run_config(run_dir: str | Path, stage: int, scheme: Any = None) -> dict
         raise CPS4Error(f"not a stage-{stage} run folder (no {CONFIG_NAME})", path=run_dir)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise CPS4Error(f"unreadable run configuration ({error.__class__.__name__})", path=config_path) from None
     if not isinstance(config, dict) or config.get("stage") != stage:
         found = config.get("stage") if isinstance(config, dict) else None
         detail = f"it is a stage-{found} run" if found is not None else "no stage recorded"
         raise CPS4Error(f"not a stage-{stage} run folder ({detail})", path=run_dir)
+    _check_run_schema(config, config_path)
     wanted, trained = _scheme_name(scheme), _scheme_name(config.get("scheme"))
     if wanted is not None and trained != wanted:
         raise CPS4Error(f"trained for scheme {trained}, not {wanted}", path=run_dir)
+    read_history(run_dir / HISTORY_NAME)
+    if (run_dir / STATE_NAME).is_file():
+        _check_training_state(run_dir / STATE_NAME)
     return config
+
+
+def check_resume_matches(recorded: dict[str, Any], wanted: dict[str, Any], run_dir: str | Path) -> None:
+    """Refuse to resume a run with other settings than it was started with.
+
+    Args:
+        recorded: the run's ``config.json`` (from :func:`read_run_config`).
+        wanted: the settings of the new invocation that must be equal, by the names
+            ``config.json["settings"]`` uses (e.g. ``{"method": "cps4", "preset": "cpu",
+            "data": "/data/mr"}``); paths are compared resolved.
+        run_dir: the run folder, for the message.
+
+    Raises:
+        CPS4Error: one line naming the first setting that differs.
+    """
+    settings = recorded.get("settings") if isinstance(recorded.get("settings"), dict) else {}
+    for key, value in wanted.items():
+        before = settings.get(key)
+        if key == "preset" and before is None and isinstance(recorded.get("preset"), dict):
+            before = recorded["preset"].get("name")
+        if isinstance(value, Path) or key in ("data", "vlm"):
+            same = before is None and value is None or (
+                before is not None and value is not None and Path(before).resolve() == Path(value).resolve())
+        else:
+            same = before == value
+        if not same:
+            raise CPS4Error(
+                f"was started with {key} {before!r}, not {value!r}; resume with the same settings "
+                "or choose another --out",
+                path=run_dir,
+            )
 
 
 def _split_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -270,18 +524,19 @@ def load_training_state(
             optimiser.
     """
     path = Path(path)
-    tensors, metadata = _read_safetensors(path)
-    if _STATE_KEY not in metadata:
-        raise CPS4Error("not a cps4 training state file", path=path)
-    state = json.loads(metadata[_STATE_KEY])
+    tensors, _ = _read_safetensors(path)
+    state = _check_training_state(path)
     try:
         optimizer.load_state_dict(_join_value(state["optimizer"], tensors))
-    except (ValueError, KeyError) as error:
-        raise CPS4Error(f"training state does not match this model's optimiser ({error})", path=path) from None
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(_join_value(state["scaler"], tensors))
-    _restore_random_states(_join_value(state["random"], tensors))
-    for name, generator in (generators or {}).items():
-        if name in state["generators"]:
-            generator.set_state(_join_value(state["generators"][name], tensors))
-    return int(state["step"]), state.get("extra", {})
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise CPS4Error(f"training state does not match this model's optimiser ({_short(error)})", path=path) from None
+    try:
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(_join_value(state["scaler"], tensors))
+        _restore_random_states(_join_value(state["random"], tensors))
+        for name, generator in (generators or {}).items():
+            if name in state.get("generators", {}):
+                generator.set_state(_join_value(state["generators"][name], tensors))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise CPS4Error(f"training state is damaged ({_short(error)})", path=path) from None
+    return state["step"], state.get("extra", {})
