@@ -21,8 +21,16 @@ from cps4_engine import __version__
 from cps4_engine.errors import CPS4Error
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options end in one line and exit status 2, like every other bad input
+    (argparse would print the whole usage first; ``--help`` still shows it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cps4",
         description="Class-prompt driven semi-supervised spine MR segmentation (CPS4).",
     )
@@ -56,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         # The reader (e.g. `| head`) closed the pipe; silence the flush at exit too.
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as error:
+        # Read-only --out, an unreadable file, --out under a file, a full disk ...
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+        print(f"cps4 {args.command}: error: {where + ': ' if where else ''}{reason}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"cps4 {args.command}: error: out of memory; try a smaller --batch-size or preset", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

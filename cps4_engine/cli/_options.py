@@ -24,6 +24,18 @@ def count_or_fraction(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
 
 
+def positive_int(text: str) -> int:
+    """Parse a count that must be 1 or more (``--max-steps``, ``--batch-size``): 0 or a
+    negative number would otherwise silently mean "the preset's"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def add_training_run_options(parser: argparse.ArgumentParser, *, batch_size_help: str, seed_help: str) -> None:
     """Add the dataset, split, size, device and run-folder options of a training command.
 
@@ -38,8 +50,8 @@ def add_training_run_options(parser: argparse.ArgumentParser, *, batch_size_help
     parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to write")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"size preset: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    parser.add_argument("--max-steps", type=int, help="optimiser steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, help=batch_size_help)
+    parser.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, help=batch_size_help)
     parser.add_argument("--device", default=DEFAULT_DEVICE,
                         help=f"{', '.join(DEVICES)} or cuda:N (default {DEFAULT_DEVICE})")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
