@@ -146,7 +146,8 @@ def _int_list(min_length: int, max_length: int, low: int, high: int) -> tuple[Ca
         return (isinstance(value, list) and min_length <= len(value) <= max_length
                 and all(_is_int(v) and low <= v <= high for v in value))
 
-    return check, f"a list of {min_length}-{max_length} integers from {low} to {high}"
+    count = str(min_length) if min_length == max_length else f"{min_length}-{max_length}"
+    return check, f"a list of {count} integers from {low} to {high}"
 
 
 def _one_of(*names: str) -> tuple[Callable[[Any], bool], str]:

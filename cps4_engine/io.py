@@ -263,7 +263,9 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     try:
         with _open_stream(path) as stream:
             start = stream.read(_NIFTI2_HEADER_BYTES)
-    except (OSError, EOFError, zlib.error) as error:
+    except EOFError:
+        raise CPS4Error("file is truncated (the gzip stream ends early)", path=path) from None
+    except (OSError, zlib.error) as error:
         raise CPS4Error(f"not a readable NIfTI file ({_short(error)})", path=path) from None
     header_size = {int.from_bytes(start[:4], order) for order in ("little", "big")}
     header_class = nib.Nifti1Header if 348 in header_size else nib.Nifti2Header if 540 in header_size else None
@@ -286,10 +288,14 @@ def _memory_bytes() -> int:
 
 def _check_header(header: nib.Nifti1Header, path: Path) -> None:
     """Refuse headers that would give invented geometry or an unreadable array."""
+    try:
+        dtype = header.get_data_dtype()
+    except (KeyError, HeaderDataError):
+        raise CPS4Error(f"unknown voxel datatype code {int(header['datatype'])}", path=path) from None
     shape = tuple(int(n) for n in header.get_data_shape())
     if len(shape) >= 3 and any(n <= 0 for n in shape):
         raise CPS4Error(f"has a dimension of 0 (shape {'x'.join(map(str, shape))}); no voxels to read", path=path)
-    needed = int(np.prod(shape, dtype=np.float64) * max(header.get_data_dtype().itemsize, 8))
+    needed = int(np.prod(shape, dtype=np.float64) * max(dtype.itemsize, 8))
     if needed > _memory_bytes():
         raise CPS4Error(
             f"declares {'x'.join(map(str, shape))} voxels ({needed / 2**30:.0f} GiB to read), more than "
@@ -458,7 +464,7 @@ def read_volume(path: str | Path, kind: VolumeKind = "image", scheme: LabelSchem
         # A huge scl_slope: every model computes in float32, where these become inf.
         raise CPS4Error(
             f"intensities reach {np.abs(array).max():.3g}, beyond 32-bit floats "
-            f"(scl_slope {float(image.header['scl_slope']):g})",
+            f"(scl_slope {float(image.dataobj.slope):g})",
             path=path,
         )
     if kind == "label":
