@@ -26,6 +26,8 @@ from cps4_engine.active.workspace import (
     LabelVersions,
     Workspace,
     class_status,
+    mask_versions,
+    save_mask_version,
 )
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
@@ -436,3 +438,26 @@ def test_mask_on_another_grid_is_refused_at_import_and_export(tmp_path: Path, ca
     write_volume(cases[0].image_path, np.zeros((6, 12, 11), np.float32), AFFINE)
     with pytest.raises(CPS4Error, match="shape 6x12x10 differs from image shape 6x12x11"):
         workspace.export(tmp_path / "out")
+
+
+def test_dataset_masks_keep_every_version_in_the_same_scheme(tmp_path: Path) -> None:
+    image = write_volume(tmp_path / "MR" / "Case1.nii.gz", np.zeros(SHAPE, np.float32), AFFINE)
+    mask = write_volume(tmp_path / "Mask" / "mask_case1.nii.gz", spine({L4: slice(1, 4)}), AFFINE)
+    legacy = tmp_path / "Mask" / "previous_versions" / "mask_case1.prev-1.nii.gz"
+    write_volume(legacy, spine({L3: slice(5, 8)}), AFFINE)  # what an earlier release kept
+    first = save_mask_version(mask, spine({L4: slice(1, 5)}), AFFINE, painted=[L4], image=image)
+    second = save_mask_version(mask, spine({L4: slice(1, 6)}), AFFINE, painted=None, image=image)
+    versions = mask_versions(mask)
+    assert versions[0] == legacy and versions[-2:] == [first, second]
+    assert len(versions) == 4, "the dataset's original mask was kept before the first save"
+    np.testing.assert_array_equal(read_volume(versions[1], kind="label").array, spine({L4: slice(1, 4)}))
+    np.testing.assert_array_equal(read_volume(mask, kind="label").array, spine({L4: slice(1, 6)}))
+    assert json.loads((mask.parent / "mask_case1.cps4.json").read_text())["complete"] is True
+    assert json.loads((first.parent / "v0002.cps4.json").read_text())["painted"] == [L4]
+    shifted = AFFINE.copy()
+    shifted[2, 3] = 10.0
+    with pytest.raises(CPS4Error, match="origin 10 mm away"):
+        save_mask_version(mask, spine({L4: slice(1, 4)}), shifted, image=image)
+    with pytest.raises(CPS4Error, match="42 are outside"):
+        save_mask_version(mask, np.full(SHAPE, 42, np.uint8), AFFINE, image=image)
+    assert mask_versions(mask) == versions, "a refused save writes nothing"

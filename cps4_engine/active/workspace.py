@@ -50,6 +50,17 @@ Rules:
   *pending*), ``accepted``, ``corrected`` (*needs edit*) or ``rejected``; see
   :data:`CLASS_STATUSES`, :data:`STATUS_LABELS` and :func:`class_status`, which also
   reads the older names.
+- **One label-versioning scheme.** Every kept label version, in a workspace or beside a
+  dataset, is a ``vNNNN.nii.gz`` of a :class:`LabelVersions` folder: the workspace's
+  ``labels/<case>/``, and for a mask saved into a dataset folder (the docks' *Save*)
+  ``previous_versions/<mask name>/`` through :func:`save_mask_version`;
+  :func:`mask_versions` also lists the ``.prev-<n>`` files of earlier releases.
+
+For the widgets (they hold no logic of their own): review statuses come from
+:data:`CLASS_STATUSES` and are shown with :data:`STATUS_LABELS`; a word typed or stored
+by an older dock goes through :func:`class_status`; saving a reviewed mask into a
+dataset is ``save_mask_version(mask_path, labels, affine, painted, image=image_path)``;
+saving into a workspace is :meth:`Workspace.save_human_labels` with statuses by class.
 - **Versioned schema.** A manifest from a newer version of the program is refused with a
   one-line error; an older one is migrated on open (schema 1: cases as a list with plain
   status strings and a list of label files).
@@ -179,12 +190,16 @@ class LabelVersions:
             taken: numbers used elsewhere (e.g. recorded in a manifest whose file is
                 gone) that must not be reused.
         """
+        return self.add_bytes(nifti_bytes(labels, affine, compress=True), taken)
+
+    def add_bytes(self, data: bytes, taken: Iterable[int] = ()) -> int:
+        """Store ``data`` (a complete ``.nii.gz`` file) as the next version; returns its number."""
         self.folder.mkdir(parents=True, exist_ok=True)
         number = max([*self.numbers(), *taken, 0]) + 1
         tmp = self.folder / f".tmp-{secrets.token_hex(4)}-v.nii.gz"
         try:
             with open(tmp, "wb") as handle:
-                handle.write(nifti_bytes(labels, affine, compress=True))
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             while True:
@@ -195,6 +210,111 @@ class LabelVersions:
                     number += 1
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_path`` (created if missing); the system releases
+    it when the holder exits or is killed, so a dead writer never blocks the next one."""
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise CPS4Error(f"cannot lock for writing ({error.strerror})", path=lock_path) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+MASK_HISTORY_FOLDER = "previous_versions"
+_LEGACY_PREVIOUS = re.compile(r"\.prev-(\d+)\.nii(\.gz)?$")
+
+
+def mask_history(mask_path: str | Path) -> LabelVersions:
+    """Where the versions of a mask saved beside a dataset are kept:
+    ``<mask folder>/previous_versions/<mask name>/v0001.nii.gz ...`` (a subfolder, so
+    dataset readers never take an old version for another case's mask)."""
+    from cps4_engine.io import nifti_stem
+
+    mask_path = Path(mask_path)
+    return LabelVersions(mask_path.parent / MASK_HISTORY_FOLDER / nifti_stem(mask_path))
+
+
+def mask_versions(mask_path: str | Path) -> list[Path]:
+    """Every kept version of a dataset mask, oldest first: the ``.prev-<n>`` files that
+    earlier releases of the plugin wrote (``previous_versions/<name>.prev-<n>.nii.gz``),
+    then the ``vNNNN`` versions of :func:`save_mask_version`."""
+    from cps4_engine.io import nifti_stem
+
+    mask_path = Path(mask_path)
+    folder = mask_path.parent / MASK_HISTORY_FOLDER
+    stem = nifti_stem(mask_path)
+    legacy = sorted(
+        (int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
+        if p.name.startswith(f"{stem}.prev-") and (m := _LEGACY_PREVIOUS.search(p.name))
+    )
+    history = mask_history(mask_path)
+    return [p for _, p in legacy] + [history.path(n) for n in history.numbers()]
+
+
+def save_mask_version(
+    mask_path: str | Path, labels: np.ndarray, affine: np.ndarray,
+    painted: Iterable[int] | None = None, image: Any = None, scheme: LabelScheme | None = None,
+) -> Path:
+    """Save a mask beside its dataset without ever losing a version.
+
+    The label-versioning scheme of the workspace (:class:`LabelVersions`) for masks that
+    live in a dataset folder (what the *Data* and *Review* docks save). Under a lock on
+    the mask's history folder: the file about to be replaced is kept as a version if no
+    version holds it yet (the dataset's original, or an edit made by another tool), the
+    new labels become the next version, and the mask file and its partial-mask sidecar
+    are replaced atomically. Two docks saving the same mask at once both end up in the
+    history; the mask file holds the later save.
+
+    Args:
+        mask_path: the mask file (``.nii.gz`` or ``.nii``).
+        labels: class ids in the image's voxel grid.
+        affine: the image's voxel-to-world matrix.
+        painted: the classes whose voxels are known (a partial mask), None if complete.
+        image: the image the mask belongs to (a path, Volume or Grid): checked with
+            :func:`cps4_engine.geometry.check_same_grid` before anything is written.
+        scheme: label values must be ids of it (MRSpineSeg if None).
+
+    Returns:
+        The path of the new version in the history.
+
+    Raises:
+        CPS4Error: labels not integer or outside the scheme, a grid that is not the
+            image's, or a folder that cannot be written (naming it).
+    """
+    from cps4_engine.data import label_status_path, write_label_status
+    from cps4_engine.labels import mrspineseg_scheme
+
+    mask_path = Path(mask_path)
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:
+        raise CPS4Error(f"labels must be integers, got {labels.dtype}", path=mask_path)
+    (scheme or mrspineseg_scheme()).check_values(np.unique(labels).tolist(), mask_path)
+    if image is not None:
+        check_same_grid(image, Grid(labels.shape, np.asarray(affine, np.float64), mask_path), what="mask")
+    history = mask_history(mask_path)
+    try:
+        history.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CPS4Error(f"cannot keep mask versions ({error.strerror})", path=history.folder) from None
+    with _file_lock(history.folder / LOCK_FILE):
+        numbers = history.numbers()
+        if mask_path.is_file() and (not numbers or mask_path.read_bytes() != history.path(numbers[-1]).read_bytes()):
+            kept = history.add_bytes(mask_path.read_bytes())
+            if label_status_path(mask_path).is_file():
+                shutil.copyfile(label_status_path(mask_path), label_status_path(history.path(kept)))
+        new = history.path(history.add(labels, affine))
+        sidecar_painted = None if painted is None else sorted(int(c) for c in painted)
+        write_label_status(new, sidecar_painted)
+        write_volume(mask_path, labels, affine)
+        write_label_status(mask_path, sidecar_painted)
+    return new
 
 
 def _safe_case_dir(case_id: str) -> str:
@@ -463,20 +583,12 @@ class Workspace:
             if self._lock_held:
                 yield
                 return
-            lock_path = self.root / LOCK_FILE
-            try:
-                descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as error:
-                raise CPS4Error(
-                    f"cannot lock the workspace for writing ({error.strerror})", path=lock_path
-                ) from None
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            with _file_lock(self.root / LOCK_FILE):
                 self._lock_held = True
-                yield
-            finally:
-                self._lock_held = False
-                os.close(descriptor)
+                try:
+                    yield
+                finally:
+                    self._lock_held = False
 
     @contextlib.contextmanager
     def _change(self) -> Iterator[None]:
