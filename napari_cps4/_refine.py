@@ -2,7 +2,9 @@
 
 Embedded in the review widget (its *Refine* tab); usable alone on any labels layer.
 
-- **Workspace**: open a workspace folder, or make one from a dataset folder.
+- **Workspace**: open a workspace folder, or make one from a dataset folder, optionally
+  holding out some of its labeled cases (never trained on; each round's Dice is measured
+  on them, which the round plot shows).
 - **Review queue**: the workspace's unreviewed cases, most uncertain first, with the
   classes to check; click a row to load that case as an image (sagittal) and a labels
   layer. An empty queue says why it is empty.
@@ -22,7 +24,7 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import napari
 import numpy as np
@@ -124,9 +126,15 @@ class RefinementPanel(QWidget):
         self.data_edit.setPlaceholderText("dataset folder (to make a new workspace)")
         open_button = QPushButton("Open")
         open_button.clicked.connect(reports_errors(lambda: self.open_workspace(self.workspace_edit.text().strip())))
+        self.heldout_edit = QLineEdit()
+        self.heldout_edit.setPlaceholderText("held-out cases, e.g. Case4, Case5")
+        self.heldout_edit.setToolTip("labeled cases never trained on; each round's Dice is measured on them")
         init_button = QPushButton("New from dataset")
         init_button.clicked.connect(
-            reports_errors(lambda: self.init_workspace(self.workspace_edit.text().strip(), self.data_edit.text().strip()))
+            reports_errors(lambda: self.init_workspace(
+                self.workspace_edit.text().strip(), self.data_edit.text().strip(),
+                [part.strip() for part in self.heldout_edit.text().split(",") if part.strip()],
+            ))
         )
         workspace_row = QHBoxLayout()
         workspace_row.addWidget(self.workspace_edit)
@@ -219,6 +227,7 @@ class RefinementPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(workspace_row)
         layout.addLayout(data_row)
+        layout.addWidget(self.heldout_edit)
         layout.addWidget(self.queue_label)
         layout.addWidget(self.queue_table)
         layout.addWidget(tools)
@@ -238,15 +247,30 @@ class RefinementPanel(QWidget):
         self.refresh_queue()
         return self.workspace
 
-    def init_workspace(self, path: str | Path, data: str | Path) -> Workspace:
-        """Make a workspace from a dataset folder (its masks become human labels)."""
+    def init_workspace(self, path: str | Path, data: str | Path, heldout: Sequence[str] = ()) -> Workspace:
+        """Make a workspace from a dataset folder (its masks become human labels).
+
+        Args:
+            path: the workspace folder to create.
+            data: the dataset folder (any layout).
+            heldout: ids of labeled cases to hold out of training.
+
+        Raises:
+            CPS4Error: a folder is missing, or a held-out id is no labeled case.
+        """
         from cps4_engine.data import open_dataset
         from cps4_engine.labels import mrspineseg_scheme
 
         if not str(path) or not str(data):
             raise CPS4Error("choose a workspace folder and a dataset folder")
         dataset = open_dataset(data)
-        Workspace.create(path, list(dataset.cases), mrspineseg_scheme(), source=str(dataset.root))
+        labeled = {case.case_id for case in dataset.cases if case.is_labeled}
+        unknown = [case_id for case_id in heldout if case_id not in labeled]
+        if unknown:
+            raise CPS4Error(f"held-out case {unknown[0]!r} is not a labeled case of the dataset "
+                            f"(labeled: {', '.join(sorted(labeled)) or 'none'})", path=dataset.root)
+        Workspace.create(path, list(dataset.cases), mrspineseg_scheme(), source=str(dataset.root),
+                         heldout=list(heldout))
         return self.open_workspace(path)
 
     def refresh_queue(self) -> None:

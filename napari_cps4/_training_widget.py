@@ -215,7 +215,9 @@ class TrainingWidget(QWidget):
                 for warning in split_warnings(split):
                     show_warning(f"CPS4 training: {warning}")
         except CPS4Error as error:
-            raise CPS4Error(in_dock_words(str(error))) from None
+            message = in_dock_words(str(error))
+            self.status_label.setText(f"not started: {message}")
+            raise CPS4Error(message) from None
         preview = self._preview_volume() if self._stage == 2 else None
         self.cancel_token = CancelToken()
         self.result = None

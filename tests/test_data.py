@@ -1,4 +1,5 @@
-"""Dataset layouts, partial-label sidecars, splits and bad datasets."""
+"""Dataset layouts (reading and the file names written), partial-label sidecars, splits,
+split warnings, bad datasets, and the option lists the CLI and the docks share."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from cps4_engine.data import (
     load_case,
     natural_key,
     open_dataset,
+    plan_split,
     read_label_status,
     split_cases,
+    split_warnings,
     write_label_status,
 )
+from cps4_engine import evaluate, layouts, options
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import write_volume
 
@@ -280,3 +284,170 @@ def test_split_save_load(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(CPS4Error, match="not a valid split"):
         Split.load(tmp_path / "bad.json")
+
+
+# naming rules: what is written is what is read --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "layout", "mask"),
+    [
+        ("data/MR/Case3.nii.gz", "mrspineseg", "data/Mask/mask_case3.nii.gz"),
+        ("data/MR/Spine_A.nii", "mrspineseg", "data/Mask/mask_spine_a.nii.gz"),
+        ("data/imagesTr/spine_001_0000.nii.gz", "nnunet", "data/labelsTr/spine_001.nii.gz"),
+        ("data/imagesTs/spine_009.nii.gz", "nnunet", "data/labelsTs/spine_009.nii.gz"),
+        ("data/case01_img.nii.gz", "folder", "data/case01_seg.nii.gz"),
+        ("data/case01_image.nii.gz", "folder", "data/case01_seg.nii.gz"),
+        ("data/case01.nii.gz", "folder", "data/case01_seg.nii.gz"),
+    ],
+)
+def test_mask_path_for_every_layout(tmp_path, image, layout, mask):
+    assert layouts.layout_of_image(tmp_path / image) == layout
+    assert layouts.mask_path_for_image(tmp_path / image) == tmp_path / mask
+    assert layouts.mask_path_for_image(tmp_path / image, layout) == tmp_path / mask
+
+
+@pytest.mark.parametrize(
+    ("images", "labeled"),
+    [
+        (["MR/Case3.nii.gz", "MR/Spine_A.nii"], "MR/Case3.nii.gz"),
+        (["imagesTr/spine_001_0000.nii.gz", "imagesTr/spine_002_0000.nii.gz"], "imagesTr/spine_002_0000.nii.gz"),
+        (["case01_img.nii.gz", "case02.nii.gz"], "case01_img.nii.gz"),
+        (["case01_img.nii.gz", "case02.nii.gz"], "case02.nii.gz"),
+    ],
+)
+def test_a_mask_written_where_the_layout_says_is_read_back(tmp_path, images, labeled):
+    for name in images:
+        _pair(tmp_path, name)
+    image = tmp_path / labeled
+    label = np.zeros((8, 8, 3), np.uint8)
+    label[1, 1, 1] = 4
+    write_volume(layouts.mask_path_for_image(image), label, AFFINE)
+    dataset = open_dataset(tmp_path)
+    assert [case.image_path for case in dataset.cases if case.is_labeled] == [image]
+    assert len(dataset) == len(images)
+
+
+def test_plain_folder_reads_masks_named_after_the_whole_image_name(tmp_path):
+    _pair(tmp_path, "case01_img.nii.gz", "case01_img_seg.nii.gz")
+    [case] = open_dataset(tmp_path).cases
+    assert case.case_id == "case01" and case.label_path == tmp_path / "case01_img_seg.nii.gz"
+
+
+def test_two_masks_or_two_images_of_one_case_are_refused(tmp_path):
+    _pair(tmp_path / "masks", "case01_img.nii.gz", "case01_seg.nii.gz")
+    _pair(tmp_path / "masks", "case02.nii.gz", "case01_img_seg.nii.gz")
+    with pytest.raises(CPS4Error, match="two masks of case 'case01'"):
+        open_dataset(tmp_path / "masks")
+    _pair(tmp_path / "images", "case01_img.nii.gz")
+    _pair(tmp_path / "images", "case01.nii.gz")
+    with pytest.raises(CPS4Error, match="two images of case 'case01'"):
+        open_dataset(tmp_path / "images")
+
+
+@pytest.mark.parametrize(
+    ("image", "layout", "problem"),
+    [
+        ("x/case01_img.nii.gz", "index", "index dataset"),
+        ("x/imagesTr/spine_001_0001.nii.gz", "nnunet", "not channel 0000"),
+        ("x/case01_seg.nii.gz", "folder", "named like a mask"),
+        ("x/case01.nii.gz", "zip", "unknown dataset layout 'zip'"),
+    ],
+)
+def test_mask_paths_that_cannot_be_named(tmp_path, image, layout, problem):
+    with pytest.raises(CPS4Error, match=problem) as info:
+        layouts.mask_path_for_image(tmp_path / image, layout)
+    assert "\n" not in str(info.value)
+
+
+def test_new_mrspineseg_cases_take_the_next_free_number(tmp_path):
+    assert layouts.next_mrspineseg_case(tmp_path) == (tmp_path / "MR" / "Case1.nii.gz", tmp_path / "Mask" / "mask_case1.nii.gz")
+    _mrspineseg(tmp_path, numbers=(2, 10))
+    image, mask = layouts.next_mrspineseg_case(tmp_path)
+    assert (image.name, mask.name) == ("Case11.nii.gz", "mask_case11.nii.gz")
+    with pytest.raises(CPS4Error, match="start at 1"):
+        layouts.mrspineseg_case_paths(tmp_path, 0)
+
+
+def test_case_paths_of_other_layouts_are_read_back(tmp_path):
+    image, mask = layouts.nnunet_case_paths(tmp_path / "nn", "spine_004")
+    _pair(image.parent, image.name)
+    write_volume(mask, np.zeros((8, 8, 3), np.uint8), AFFINE)
+    [case] = open_dataset(tmp_path / "nn").cases
+    assert (case.case_id, case.label_path) == ("spine_004", mask)
+
+    image, mask = layouts.folder_case_paths(tmp_path / "plain", "Case7", ".nii")
+    _pair(image.parent, image.name)
+    write_volume(mask, np.zeros((8, 8, 3), np.uint8), AFFINE)
+    [case] = open_dataset(tmp_path / "plain").cases
+    assert (case.case_id, case.image_path, case.label_path) == ("Case7", image, mask)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mask_Case3.nii.gz", "Case3_labels.nii.gz", "case11_img_labels.nii.gz", "case11_seg.nii",
+     "spine_001_0000_labels.nii.gz", "seg_case4.nii.gz"],
+)
+def test_case_keys_match_those_evaluate_uses(name):
+    assert layouts.case_key(name) == evaluate.case_key(name)
+    assert layouts.case_name(name) == evaluate.case_name(name)
+
+
+# planning a run ---------------------------------------------------------------------------
+
+
+def test_plan_split_is_the_split_a_run_draws_and_warns_about_what_it_lacks(tmp_path):
+    _mrspineseg(tmp_path, numbers=(1, 2, 3), unlabeled=(2, 3))
+    split = plan_split(tmp_path, labeled=1)
+    assert [case.case_id for case in split.labeled] == ["Case1"] and not split.validation
+    assert split.to_dict() == split_cases(open_dataset(tmp_path).cases, 1, validation=0.1).to_dict()
+    [warning] = split_warnings(split)
+    assert warning.startswith("no validation volumes")
+
+    write_label_status(tmp_path / "Mask" / "mask_case1.nii.gz", [3])
+    warnings = split_warnings(plan_split(tmp_path, labeled=1))
+    assert any(w.startswith("every labeled mask is partial") for w in warnings)
+    with pytest.raises(CPS4Error, match="--labeled 2 asks for 2 volumes but only 1"):
+        plan_split(tmp_path, labeled=2)
+
+
+def test_a_split_with_validation_and_a_complete_mask_gets_no_warning(tmp_path):
+    _mrspineseg(tmp_path, numbers=(1, 2, 3))
+    assert split_warnings(plan_split(tmp_path, labeled=1, validation=1)) == []
+
+
+# option lists -----------------------------------------------------------------------------
+
+
+def test_option_lists_are_the_engines():
+    from cps4_engine.presets import PRESET_NAMES
+    from cps4_engine.stage2 import METHODS
+
+    assert options.METHODS == METHODS and options.DEFAULT_METHOD in METHODS
+    assert options.PRESETS == PRESET_NAMES and options.DEFAULT_PRESET in PRESET_NAMES
+    assert options.DEFAULT_ROUND_METHOD in METHODS
+    assert options.default_steps("tiny", 1) > 0 and options.default_steps("tiny", 2) > 0
+    with pytest.raises(CPS4Error, match="stage must be 1 or 2"):
+        options.default_steps("tiny", 3)
+    with pytest.raises(CPS4Error, match="unknown preset"):
+        options.default_steps("huge", 1)
+
+
+def test_devices_offered_are_only_those_present(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert options.device_choices() == ["auto", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert options.device_choices() == ["auto", "cuda", "cpu"]
+
+
+def test_the_command_line_offers_the_same_lists():
+    from cps4_engine.cli import build_parser
+
+    parser = build_parser()
+    train = parser.parse_args(["train", "data", "--labeled", "2", "--out", "run"])
+    assert (train.method, train.preset, train.device) == (options.DEFAULT_METHOD, options.DEFAULT_PRESET,
+                                                          options.DEFAULT_DEVICE)
+    assert train.validation == options.DEFAULT_VALIDATION

@@ -160,9 +160,10 @@ def test_training_errors_become_a_status_not_a_crash(make_napari_viewer, qtbot, 
     widget = TrainingWidget(viewer)
     _configure(widget, tmp_path / "missing", tmp_path / "run", STAGE2, steps=2)
     widget.method_combo.setCurrentText("supervised")
-    widget.start()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    assert widget.status_label.text().startswith("failed:")
+    with pytest.raises(CPS4Error, match="missing"):
+        widget.start()  # the split is checked before a worker starts
+    assert widget.worker is None
+    assert widget.status_label.text().startswith("not started:")
     assert "missing" in widget.status_label.text()
     assert widget.start_button.isEnabled()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cps4_engine.cli._options import positive_int
 from cps4_engine.options import PRESETS
 
 
@@ -26,12 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--seed", type=int, help="seed of the phantoms, the labeled pick and the networks")
     sizes = parser.add_argument_group("sizes (override the default or --quick settings)")
-    sizes.add_argument("--cases", type=int, help="synthetic volumes to generate")
-    sizes.add_argument("--train-cases", type=int, help="the first N volumes train, the rest are test volumes")
-    sizes.add_argument("--labeled", type=int, help="labeled training volumes")
+    sizes.add_argument("--cases", type=positive_int, help="synthetic volumes to generate")
+    sizes.add_argument("--train-cases", type=positive_int, help="the first N volumes train, the rest are test volumes")
+    sizes.add_argument("--labeled", type=positive_int, help="labeled training volumes")
     sizes.add_argument("--preset", choices=PRESETS, help="model size preset")
-    sizes.add_argument("--stage1-steps", type=int, help="stage-1 optimiser steps")
-    sizes.add_argument("--stage2-steps", type=int, help="stage-2 optimiser steps")
+    sizes.add_argument("--stage1-steps", type=positive_int, help="stage-1 optimiser steps")
+    sizes.add_argument("--stage2-steps", type=positive_int, help="stage-2 optimiser steps")
     sizes.add_argument("--text-encoder", help="stage-1 text encoder: 'tiny', a model folder or a hub id")
     parser.set_defaults(func=run)
 
