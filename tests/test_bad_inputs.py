@@ -478,6 +478,12 @@ OPTION_CASES = [
                                                "--batch-size", "0"], "batch-size", "--batch-size"),
     _option("unknown-command", lambda d: ["segment-everything"], "invalid choice", "segment-everything"),
     _option("unknown-option", lambda d: ["info", str(d), "--colour"], "unrecognized arguments", "--colour"),
+    *(_option(f"{'-'.join(argv[:2]).strip('-')}-{argv[-1]}", lambda d, argv=argv: list(argv),
+              "must be 1 or more|must be at least 1", argv[-2])
+      for argv in (["demo", "--stage1-steps", "0"], ["demo", "--stage2-steps", "-1"], ["demo", "--cases", "0"],
+                   ["demo", "--labeled", "0"], ["bench", "--max-steps", "0"], ["bench", "--jobs", "0"])),
+    _option("synth-cases-0", lambda d: ["synth", str(d / "s"), "--cases", "0"], "at least 1", "--cases"),
+    _option("queue-top-negative", lambda d: ["queue", str(d), "--top", "-1"], "at least 1", "--top"),
     _option("info-device-tpu", lambda d: ["info", str(d), "--device", "tpu"], "tpu", "tpu"),
 ]
 
@@ -595,3 +601,17 @@ def test_real_case_damage(realdata: Path, damage: str, tmp_path: Path, capsys: p
     make(path)
     check(Case(f"real-{damage}", lambda d: ["info", str(path)], problem, lambda d: str(path),
                output=r"orientation:  I,P,L.*sagittal:     voxel axis 2"), tmp_path, capsys)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    from cps4_engine.checkpoint import check_resume_matches
+    from cps4_engine.errors import CPS4Error
+
+    recorded = {"settings": {"method": "cps4", "data": str(tmp_path / "data"), "preset": "tiny"}}
+    check_resume_matches(recorded, {"method": "cps4", "data": tmp_path / "x" / ".." / "data", "preset": "tiny"},
+                         tmp_path)
+    for key, other in (("method", "supervised"), ("preset", "cpu"), ("data", tmp_path / "other")):
+        wanted = {**recorded["settings"], key: other}
+        with pytest.raises(CPS4Error, match=f"was started with {key} .*resume with the same settings") as error:
+            check_resume_matches(recorded, wanted, tmp_path / "run")
+        assert "\n" not in str(error.value) and str(tmp_path / "run") in str(error.value)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cps4_engine.cli._options import positive_int
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
 
@@ -39,12 +40,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench"), help="output folder (default ./bench)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--preset", default="cpu", help="size preset of both stages (default cpu)")
-    parser.add_argument("--max-steps", type=int, help="stage-2 steps per run (default: the preset's)")
-    parser.add_argument("--vlm-steps", type=int, help="stage-1 steps per pretraining (default: the preset's)")
+    parser.add_argument("--max-steps", type=positive_int, help="stage-2 steps per run (default: the preset's)")
+    parser.add_argument("--vlm-steps", type=positive_int, help="stage-1 steps per pretraining (default: the preset's)")
     parser.add_argument("--seeds", type=_int_list, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--datasets", type=_name_list, default=("synthetic", "vb3_l1l5_t1"),
                         help="comma-separated protocols (default synthetic,vb3_l1l5_t1)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--realdata", type=Path, help="real-data folder (default $CPS4_REALDATA or ../shared/realdata)")
     parser.add_argument("--timing-steps", type=int, default=30,
                         help="steps of each method in the step-time comparison (default 30)")
