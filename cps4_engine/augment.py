@@ -41,30 +41,42 @@ NEAREST_KEYS = frozenset({"label"})
 class SliceAugmenter:
     """Seeded weak (joint geometric) and strong (intensity) augmentation of slice batches.
 
+    Images may carry several channels (neighbouring slices, 2.5D); the weak affine moves
+    them together and the strong transforms corrupt them together.
+
     Args:
         seed: seeds the affine generator and MONAI's random state, so a run's
             augmentation is reproducible.
         rotate_degrees: maximum in-plane rotation of the weak view, degrees.
         scale: maximum relative zoom of the weak view (0.1 → 0.9–1.1).
-        translate_fraction: maximum shift of the weak view as a fraction of H and W.
+        translate_fraction: maximum shift of the weak view as a fraction of H and W; a
+            pair gives the fraction of H (superior-inferior) and of W separately.
         weak_probability: chance a slice gets the weak affine at all.
+
+    Attributes:
+        generator: the ``torch.Generator`` of the weak affines (a trainer saves it with
+            its checkpoints so that a resumed run draws what an uninterrupted one would).
         strong_probability: chance of each strong intensity transform.
     """
+
+    DEFAULT_TRANSLATE = 0.05
 
     def __init__(
         self,
         seed: int = 0,
         rotate_degrees: float = 10.0,
         scale: float = 0.1,
-        translate_fraction: float = 0.05,
+        translate_fraction: float | tuple[float, float] = 0.05,
         weak_probability: float = 0.8,
         strong_probability: float = 0.5,
     ) -> None:
         self.rotate_radians = math.radians(rotate_degrees)
         self.scale = scale
-        self.translate_fraction = translate_fraction
+        if isinstance(translate_fraction, (int, float)):
+            translate_fraction = (float(translate_fraction), float(translate_fraction))
+        self.translate_fraction = torch.tensor([float(f) for f in translate_fraction])
         self.weak_probability = weak_probability
-        self._weak_generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self._bilinear = AffineTransform(mode="bilinear", padding_mode="zeros", zero_centered=True)
         self._nearest = AffineTransform(mode="nearest", padding_mode="zeros", zero_centered=True)
         self._seed = seed
@@ -73,7 +85,7 @@ class SliceAugmenter:
 
     def _weak_matrices(self, count: int, size: tuple[int, int]) -> torch.Tensor:
         """Random ``(count, 3, 3)`` pull-direction affines about the slice centre, in pixels."""
-        generator = self._weak_generator
+        generator = self.generator
         applied = torch.rand(count, generator=generator) < self.weak_probability
         angle = (torch.rand(count, generator=generator) * 2 - 1) * self.rotate_radians
         scale = 1 + (torch.rand(count, 2, generator=generator) * 2 - 1) * self.scale

@@ -239,7 +239,9 @@ def _vlm_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
     return {"run": str(out), "seconds": time.perf_counter() - began}
 
 
-def _score_test_volumes(run: Path, test_cases: list[dict[str, str]], device: str) -> dict[str, Any]:
+def _score_test_volumes(
+    run: Path, test_cases: list[dict[str, str]], device: str, level_step: bool = True
+) -> dict[str, Any]:
     from cps4_engine.inference import load_segmenter, predict_volume
     from cps4_engine.io import read_volume
     from cps4_engine.metrics import case_metrics, summarize
@@ -249,12 +251,15 @@ def _score_test_volumes(run: Path, test_cases: list[dict[str, str]], device: str
     for case in test_cases:
         image = read_volume(case["image"], kind="image")
         truth = read_volume(case["label"], kind="label")
-        prediction = predict_volume(model, image, keep_probabilities=False)
+        prediction = predict_volume(model, image, keep_probabilities=False, level_step=level_step)
         scored.append(case_metrics(prediction.labels, truth.array, truth.spacing, case_id=case["case_id"]))
     summary = summarize(scored)
     return {
         "dice": summary.mean_dice, "dice_sd_cases": summary.sd_dice,
         "hd95": summary.mean_hd95, "hd95_sd_cases": summary.sd_hd95,
+        "level_accuracy": summary.level_accuracy,
+        "cases_all_levels_right": summary.cases_all_levels_right,
+        "spine_dice": summary.mean_spine_dice,
         "cases": [c.to_dict() for c in scored],
     }
 
@@ -286,7 +291,7 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
     from cps4_engine.io import read_volume
     from cps4_engine.metrics import case_metrics
     from cps4_engine.models.segmenter import build_segmenter
-    from cps4_engine.preprocess import prepare_volume, restore_labels
+    from cps4_engine.preprocess import prepare_volume, restore_labels, with_context
     from cps4_engine.stage2 import compute_prompt_cache, predict_slices
 
     torch_device = resolve_device(device)
@@ -311,9 +316,10 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
             continue
         volume = read_volume(case.image_path, kind="image")
         truth = read_volume(case.label_path, kind="label")
-        stack = prepare_volume(volume, size)
+        stack = prepare_volume(volume, size, keep_aspect=bool(config["segmenter"].get("keep_aspect", False)))
         images = torch.from_numpy(stack.images).to(torch_device)
-        teacher_probs = predict_slices(teacher, images, batch_size=16, amp=True)
+        context = int(config["segmenter"].get("context_slices", 0))
+        teacher_probs = predict_slices(teacher, with_context(images, context), batch_size=16, amp=True)
         prompt_probs = compute_prompt_cache(vlm, images, torch_device).float() if vlm is not None else None
         for source in scores:
             combined = combine_with_teacher(

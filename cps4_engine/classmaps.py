@@ -91,7 +91,7 @@ def volume_class_maps(vlm: VLM, volume: Volume, threshold: float = 0.5, batch_si
         threshold: a voxel is in a class's binary map where its probability exceeds it.
         batch_size: slices per forward pass.
     """
-    stack = prepare_volume(volume, vlm.slice_size)
+    stack = prepare_volume(volume, vlm.slice_size, keep_aspect=vlm.preset.keep_aspect)
     probabilities = vlm.class_probabilities(torch.from_numpy(stack.images), batch_size=batch_size)
     restored = restore_probabilities(stack, probabilities)
     return ClassMaps(probabilities=restored, binary=restored > threshold)
@@ -111,7 +111,7 @@ def prompt_heatmap(vlm: VLM, volume: Volume, text: str, batch_size: int = 16) ->
     """
     if not text.strip():
         raise CPS4Error("the prompt is empty; give a text such as 'L3 vertebra'")
-    stack = prepare_volume(volume, vlm.slice_size)
+    stack = prepare_volume(volume, vlm.slice_size, keep_aspect=vlm.preset.keep_aspect)
     heat, shares = vlm.prompt_response(torch.from_numpy(stack.images), text, batch_size=batch_size)
     restored = restore_probabilities(stack, heat[:, None])[0]
     tokens = vlm.text_encoder.token_strings(text)

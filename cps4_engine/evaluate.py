@@ -280,7 +280,8 @@ def format_table(
 
     Returns:
         The table; its last row, ``mean``, is the mean ± sd over cases of the per-case
-        means over classes.
+        means over classes. Below it, the level naming: structures named right (level
+        accuracy), cases with every level right, and the spine Dice (all foreground as one).
     """
     names = class_names or {}
     header = ("class", "cases", "Dice %", "HD95 mm")
@@ -302,13 +303,25 @@ def format_table(
             _mean_sd_text(summary.mean_hd95, summary.sd_hd95, 1.0, 2),
         )
     )
+    levels = level_summary(summary)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(line.rstrip() for line in lines)
+        return "\n".join(line.rstrip() for line in lines) + "\n\n" + levels
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     rule = "  ".join("-" * width for width in widths)
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)), rule]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows[:-1]]
-    lines += [rule, "  ".join(cell.ljust(width) for cell, width in zip(rows[-1], widths))]
+    lines += [rule, "  ".join(cell.ljust(width) for cell, width in zip(rows[-1], widths)), "", levels]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def level_summary(summary: Summary) -> str:
+    """One line on level naming: level accuracy, cases with every level right, spine Dice."""
+    if math.isnan(summary.level_accuracy):
+        return "levels: nothing scored"
+    return (
+        f"levels named right: {100 * summary.level_accuracy:.1f} % of structures; every level right in "
+        f"{summary.cases_all_levels_right} of {summary.n_cases} cases; spine Dice (all foreground as one) "
+        f"{_mean_sd_text(summary.mean_spine_dice, summary.sd_spine_dice, 100.0, 1)} %"
+    )

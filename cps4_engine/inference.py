@@ -6,10 +6,18 @@ segmented in batches without gradients (mixed precision on CUDA), and put back i
 volume's own voxel grid: labels by nearest neighbour from the per-slice argmax,
 probabilities and confidence bilinearly (:mod:`cps4_engine.preprocess`). So every output
 has the input's shape and is written with the input's affine.
+
+The slices are fitted and stacked with their neighbours as the run was trained (its
+``segmenter`` config: ``keep_aspect``, ``context_slices``). Then, unless switched off,
+the 3D level step (:func:`cps4_engine.levels.make_levels_consistent`) gives every
+vertebral body and disc one label across slices, in anatomical order; what it did is
+kept in :attr:`Prediction.levels` and written beside the labels as
+``<name>_levels.json``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +37,13 @@ from cps4_engine.io import (
     nifti_stem,
     read_volume,
     write_bytes_atomic,
+    write_text_atomic,
     write_volume,
 )
+from cps4_engine.labels import mrspineseg_scheme
+from cps4_engine.levels import LevelReport, make_levels_consistent
 from cps4_engine.models.segmenter import build_segmenter
-from cps4_engine.preprocess import prepare_volume, restore_labels, restore_probabilities
+from cps4_engine.preprocess import prepare_volume, restore_labels, restore_probabilities, with_context
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -48,6 +59,8 @@ class LoadedSegmenter:
         device: where it runs.
         run_dir: the run folder it came from (None for a network given in memory).
         config: the run's ``config.json`` (empty for a network given in memory).
+        keep_aspect: slices are letterboxed rather than stretched.
+        context_slices: neighbouring slices per side stacked as input channels.
     """
 
     network: nn.Module
@@ -55,6 +68,8 @@ class LoadedSegmenter:
     device: torch.device
     run_dir: Path | None = None
     config: dict | None = None
+    keep_aspect: bool = False
+    context_slices: int = 0
 
 
 @dataclass
@@ -66,11 +81,13 @@ class Prediction:
         probabilities: float32 ``(20, X, Y, Z)`` softmax per class (background at 0), or
             None when not asked for (it takes ``80 * X * Y * Z`` bytes).
         confidence: float32 ``(X, Y, Z)`` in [0, 1]: the winning class's probability.
+        levels: what the 3D level step changed, or None when it was switched off.
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     confidence: np.ndarray
+    levels: LevelReport | None = None
 
 
 def load_segmenter(run_dir: str | Path, device: str | torch.device = "auto") -> LoadedSegmenter:
@@ -105,7 +122,11 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "auto") -> 
         ) from None
     network.to(device).eval()
     height, width = (int(n) for n in segmenter_config["slice_size"])
-    return LoadedSegmenter(network, (height, width), device, run_dir, config)
+    return LoadedSegmenter(
+        network, (height, width), device, run_dir, config,
+        keep_aspect=bool(segmenter_config.get("keep_aspect", False)),
+        context_slices=int(segmenter_config.get("context_slices", 0)),
+    )
 
 
 def _as_loaded(model: LoadedSegmenter | nn.Module, slice_size: tuple[int, int] | None) -> LoadedSegmenter:
@@ -155,6 +176,7 @@ def predict_volume(
     batch_size: int = 8,
     slice_size: tuple[int, int] | None = None,
     keep_probabilities: bool = True,
+    level_step: bool = True,
 ) -> Prediction:
     """Segment one volume and return the result in its own voxel grid.
 
@@ -164,18 +186,24 @@ def predict_volume(
         batch_size: slices per forward pass.
         slice_size: ``(H, W)`` for a bare network.
         keep_probabilities: also restore the 20 class probabilities to the voxel grid.
+        level_step: apply the 3D level step to the labels (probabilities and confidence
+            stay the network's).
 
     Returns:
         :class:`Prediction` with arrays of ``volume.shape``.
     """
     loaded = _as_loaded(model, slice_size)
-    stack = prepare_volume(volume, loaded.slice_size)
-    probabilities = predict_slices(loaded, torch.from_numpy(stack.images), batch_size)
+    stack = prepare_volume(volume, loaded.slice_size, keep_aspect=loaded.keep_aspect)
+    images = with_context(torch.from_numpy(stack.images), loaded.context_slices)
+    probabilities = predict_slices(loaded, images, batch_size)
     confidence_slices, label_slices = probabilities.max(dim=1)
     labels = restore_labels(stack, label_slices)
+    levels = None
+    if level_step:
+        labels, levels = make_levels_consistent(labels, volume.affine, mrspineseg_scheme())
     confidence = restore_probabilities(stack, confidence_slices[:, None])[0]
     restored = restore_probabilities(stack, probabilities) if keep_probabilities else None
-    return Prediction(labels=labels, probabilities=restored, confidence=confidence)
+    return Prediction(labels=labels, probabilities=restored, confidence=confidence, levels=levels)
 
 
 @dataclass
@@ -223,6 +251,11 @@ def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path, Path]:
     )
 
 
+def levels_path(image: Path, out_dir: Path) -> Path:
+    """``<name>_levels.json``: whether the 3D level step ran and what it changed."""
+    return out_dir / f"{nifti_stem(image)}_levels.json"
+
+
 def predict_files(
     model: LoadedSegmenter,
     images: Sequence[str | Path],
@@ -231,13 +264,15 @@ def predict_files(
     probabilities: bool = False,
     overwrite: bool = False,
     progress: Callable[[PredictedFiles], None] | None = None,
+    level_step: bool = True,
 ) -> list[PredictedFiles]:
     """Predict each image and write its results next to each other in ``out_dir``.
 
     For every image ``<name>.nii[.gz]``: ``<name>_labels.nii.gz`` (uint8 class ids),
     ``<name>_confidence.nii.gz`` (float32 winning-class probability) and, with
     ``probabilities``, ``<name>_probs.nii.gz`` (float32 ``(X, Y, Z, 20)``, class on the
-    4th axis). All carry the image's affine. Writes are atomic.
+    4th axis). All carry the image's affine. ``<name>_levels.json`` records whether the
+    3D level step ran and what it changed. Writes are atomic.
 
     Args:
         model: from :func:`load_segmenter`.
@@ -247,6 +282,7 @@ def predict_files(
         probabilities: also write the 4D probability volume.
         overwrite: replace existing outputs instead of refusing.
         progress: called after each image.
+        level_step: apply the 3D level step (:func:`predict_volume`).
 
     Returns:
         One :class:`PredictedFiles` per image, in order.
@@ -274,9 +310,13 @@ def predict_files(
     for image in files:
         start = time.perf_counter()
         volume = read_volume(image, kind="image")
-        prediction = predict_volume(model, volume, batch_size, keep_probabilities=probabilities)
+        prediction = predict_volume(
+            model, volume, batch_size, keep_probabilities=probabilities, level_step=level_step
+        )
         labels_path, confidence_path, probs_path = output_paths(image, out_dir)
         write_volume(labels_path, prediction.labels, volume.affine)
+        record = {"level_step": level_step, **(prediction.levels.to_dict() if prediction.levels else {})}
+        write_text_atomic(levels_path(image, out_dir), json.dumps(record, indent=1))
         write_volume(confidence_path, prediction.confidence, volume.affine)
         if prediction.probabilities is not None:
             class_last = np.moveaxis(prediction.probabilities, 0, -1)

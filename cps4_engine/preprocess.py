@@ -4,8 +4,23 @@
 (:func:`cps4_engine.io.to_sagittal`), scales intensities per volume to [0, 1] between the
 0.5th and 99.5th percentiles (MONAI ``ScaleIntensityRangePercentiles``), and resizes every
 slice to the preset's ``(H, W)`` (MONAI ``Resize``: bilinear for images, nearest for
-labels). The whole slice is resized; no crop, so nothing is lost and the inverse is exact
+labels). The whole slice is kept; no crop, so nothing is lost and the inverse is exact
 up to interpolation. :func:`restore_labels` and :func:`restore_probabilities` undo it.
+
+Two ways to fit a slice into ``(H, W)``:
+
+- ``keep_aspect=False`` (runs saved before the option): the slice is stretched to
+  ``(H, W)`` whatever its shape, so a square 224 x 224 mm slice resized to 128 x 64
+  loses half its resolution along anterior-posterior.
+- ``keep_aspect=True``: the slice is scaled by one factor (in millimetres, from the
+  affine's in-plane spacing) so that it fits, and centred with zero padding
+  (*letterboxing*); vertebrae keep their shape and every slice of every volume has the
+  same millimetres per pixel along both axes. :attr:`SliceStack.content_box` records
+  where the slice lies.
+
+Context (2.5D): :func:`with_context` stacks each slice with its ``k`` neighbours on
+either side along the sagittal axis as channels, so the network sees the body's 3D
+shape; slices at the volume's edge repeat the edge slice.
 
 Partial labels: a mask may be *partial* (``painted`` lists the classes an annotator
 painted). :func:`class_validity` and :func:`labels_for_ce` say which pixels' truth is
@@ -21,7 +36,7 @@ import numpy as np
 import torch
 from monai.transforms import Resize, ScaleIntensityRangePercentiles
 
-from cps4_engine.io import Volume, from_sagittal, to_sagittal
+from cps4_engine.io import Volume, from_sagittal, sagittal_spacing, to_sagittal
 
 IGNORE_INDEX = -100
 LOWER_PERCENTILE = 0.5
@@ -41,6 +56,8 @@ class SliceStack:
         affine: the source volume's 4x4 affine.
         sagittal_shape: ``(S, rows, cols)`` of the display-orientation slices before
             resizing.
+        content_box: ``(top, left, height, width)`` in model pixels of the region the
+            slice occupies; the whole ``(0, 0, H, W)`` unless letterboxed.
     """
 
     images: np.ndarray
@@ -49,6 +66,11 @@ class SliceStack:
     volume_shape: tuple[int, int, int]
     affine: np.ndarray
     sagittal_shape: tuple[int, int, int]
+    content_box: tuple[int, int, int, int] | None = None
+
+    def box(self) -> tuple[int, int, int, int]:
+        """:attr:`content_box`, or the whole slice when it is None."""
+        return self.content_box or (0, 0, *self.size)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -69,6 +91,57 @@ def _resize_planes(planes: np.ndarray, size: tuple[int, int], mode: str) -> np.n
     return np.asarray(resize(torch.as_tensor(np.ascontiguousarray(planes))))
 
 
+def fit_box(
+    plane_shape: tuple[int, int], plane_spacing: tuple[float, float], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Where a slice lands when scaled by one factor to fit ``size`` and centred.
+
+    Args:
+        plane_shape: ``(rows, cols)`` of the display-orientation slice in voxels.
+        plane_spacing: millimetres per row and per column.
+        size: model slice size ``(H, W)``.
+
+    Returns:
+        ``(top, left, height, width)`` in model pixels.
+    """
+    rows_mm = plane_shape[0] * plane_spacing[0]
+    cols_mm = plane_shape[1] * plane_spacing[1]
+    pixels_per_mm = min(size[0] / rows_mm, size[1] / cols_mm)
+    height = int(min(size[0], max(1, round(rows_mm * pixels_per_mm))))
+    width = int(min(size[1], max(1, round(cols_mm * pixels_per_mm))))
+    return ((size[0] - height) // 2, (size[1] - width) // 2, height, width)
+
+
+def _letterbox(planes: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], mode: str) -> np.ndarray:
+    top, left, height, width = box
+    resized = _resize_planes(planes, (height, width), mode)
+    out = np.zeros((planes.shape[0], *size), dtype=resized.dtype)
+    out[:, top : top + height, left : left + width] = resized
+    return out
+
+
+def with_context(images: np.ndarray | torch.Tensor, context: int) -> np.ndarray | torch.Tensor:
+    """Stack every slice with ``context`` neighbours on each side as channels (2.5D).
+
+    Args:
+        images: ``(S, 1, H, W)`` slices of one volume, in sagittal order.
+        context: neighbours per side ``k`` (0 returns ``images`` unchanged).
+
+    Returns:
+        ``(S, 1 + 2k, H, W)`` of the same library; channel ``k`` is the slice itself,
+        channel ``k - j`` its ``j``-th neighbour before it, ``k + j`` after it; beyond the
+        volume's edge the edge slice is repeated.
+    """
+    if context <= 0:
+        return images
+    count = images.shape[0]
+    offsets = np.arange(-context, context + 1)
+    index = np.clip(np.arange(count)[:, None] + offsets[None, :], 0, count - 1)
+    if isinstance(images, torch.Tensor):
+        return images[:, 0][torch.from_numpy(index)]
+    return np.asarray(images)[:, 0][index]
+
+
 def scale_intensity(array: np.ndarray) -> np.ndarray:
     """Per-volume percentile scaling to float32 [0, 1] (0.5th -> 0, 99.5th -> 1, clipped).
 
@@ -87,6 +160,7 @@ def prepare_volume(
     size: tuple[int, int],
     label: Volume | np.ndarray | None = None,
     painted: Sequence[int] | None = None,
+    keep_aspect: bool = False,
 ) -> SliceStack:
     """Turn a volume (and its mask) into model-sized sagittal slices.
 
@@ -96,6 +170,8 @@ def prepare_volume(
             anterior -> posterior).
         label: mask in the same voxel grid, as a Volume or an ``(X, Y, Z)`` integer array.
         painted: class ids painted in a partial mask; None for a complete mask.
+        keep_aspect: letterbox the slice (one scale factor in mm, zero padding) instead
+            of stretching it to ``size`` (see the module doc).
 
     Returns:
         A :class:`SliceStack` with ``images (S, 1, H, W)`` and ``labels (S, H, W)``.
@@ -105,7 +181,12 @@ def prepare_volume(
     """
     size = (int(size[0]), int(size[1]))
     sagittal = to_sagittal(scale_intensity(volume.array), volume.affine)
-    images = _resize_planes(sagittal, size, mode="bilinear").astype(np.float32)
+    box = None
+    if keep_aspect:
+        box = fit_box(sagittal.shape[1:], sagittal_spacing(volume.affine)[1:], size)
+        images = _letterbox(sagittal, size, box, mode="bilinear").astype(np.float32)
+    else:
+        images = _resize_planes(sagittal, size, mode="bilinear").astype(np.float32)
     images = np.clip(images, 0.0, 1.0)[:, None]
     labels = None
     if label is not None:
@@ -115,7 +196,10 @@ def prepare_volume(
                 f"mask shape {label_array.shape} differs from image shape {volume.array.shape}"
             )
         label_slices = to_sagittal(label_array.astype(np.int64), volume.affine)
-        labels = _resize_planes(label_slices, size, mode="nearest-exact").astype(np.int64)
+        if box is None:
+            labels = _resize_planes(label_slices, size, mode="nearest-exact").astype(np.int64)
+        else:
+            labels = _letterbox(label_slices, size, box, mode="nearest-exact").astype(np.int64)
     return SliceStack(
         images=images,
         labels=labels,
@@ -123,6 +207,7 @@ def prepare_volume(
         volume_shape=volume.shape,
         affine=np.array(volume.affine, dtype=np.float64),
         sagittal_shape=tuple(int(n) for n in sagittal.shape),  # type: ignore[arg-type]
+        content_box=box,
     )
 
 
@@ -146,7 +231,9 @@ def restore_labels(stack: SliceStack, labels: np.ndarray | torch.Tensor) -> np.n
     expected = (stack.num_slices, *stack.size)
     if labels.shape != expected:
         raise ValueError(f"labels have shape {labels.shape}, expected {expected}")
-    planes = _resize_planes(labels.astype(np.int64), stack.sagittal_shape[1:], mode="nearest-exact")
+    top, left, height, width = stack.box()
+    content = labels[:, top : top + height, left : left + width]
+    planes = _resize_planes(content.astype(np.int64), stack.sagittal_shape[1:], mode="nearest-exact")
     return from_sagittal(planes.astype(np.uint8), stack.affine, stack.volume_shape)
 
 
@@ -170,9 +257,11 @@ def restore_probabilities(stack: SliceStack, probabilities: np.ndarray | torch.T
             f"({stack.num_slices}, C, {stack.size[0]}, {stack.size[1]})"
         )
     channels = probabilities.shape[1]
+    top, left, height, width = stack.box()
     restored = np.empty((channels, *stack.volume_shape), dtype=np.float32)
     for channel in range(channels):
-        planes = _resize_planes(probabilities[:, channel], stack.sagittal_shape[1:], mode="bilinear")
+        content = probabilities[:, channel, top : top + height, left : left + width]
+        planes = _resize_planes(content, stack.sagittal_shape[1:], mode="bilinear")
         restored[channel] = from_sagittal(np.clip(planes, 0.0, 1.0), stack.affine, stack.volume_shape)
     return restored
 

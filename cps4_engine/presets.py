@@ -6,8 +6,10 @@ the learning rate and the default number of optimiser steps, for stage 1 (the
 vision-language model) and stage 2 (the segmenter).
 
 - ``tiny``: 64 x 32 slices, a few thousand parameters; seconds on a CPU. For tests.
-- ``cpu``: 128 x 64 slices, a small U-Net; a few minutes on two CPU cores. The default
-  when no GPU is present.
+- ``cpu``: 112 x 112 letterboxed slices (the slice's aspect kept; 2 mm per pixel on a
+  224 mm field of view), a five-level U-Net over three neighbouring slices; minutes on
+  two CPU cores. The default when no GPU is
+  present.
 - ``paper``: 512 x 256 slices (the authors' 256 wide x 512 high crop) and a ViT-B/16-class
   encoder (hidden 768, 12 layers, 12 heads, patch 16) with a UNETR decoder. For GPUs.
 """
@@ -65,6 +67,18 @@ class Preset:
             contracting path (MONAI ``num_res_units``); more units widen the receptive
             field at low resolution, where they cost little. Runs saved before this
             setting existed used 1.
+        keep_aspect: slices are letterboxed into ``slice_size`` (one scale factor in mm)
+            instead of stretched (:func:`cps4_engine.preprocess.prepare_volume`); both
+            stages use it so that the stage-1 maps lie on the stage-2 grid. Runs saved
+            before this setting existed stretched.
+        context_slices: the stage-2 segmenter sees this many neighbouring sagittal
+            slices on each side as extra input channels (2.5D).
+        seg_res_units: residual units per level of the stage-2 segmenter (MONAI
+            ``num_res_units``).
+        fov_shift: the stage-2 weak augmentation shifts the slice along
+            superior-inferior by up to this fraction of its height (and zooms by up to
+            the same fraction), so that where the image border lies cannot tell the
+            network which level it is looking at.
     """
 
     name: str
@@ -90,6 +104,10 @@ class Preset:
     stage2_learning_rate: float
     stage2_max_steps: int
     encoder_res_units: int = 1
+    keep_aspect: bool = False
+    context_slices: int = 0
+    fov_shift: float = 0.05
+    seg_res_units: int = 2
 
     def to_dict(self) -> dict:
         """The preset as JSON-ready values (tuples become lists)."""
@@ -133,7 +151,7 @@ _PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        slice_size=(128, 64),
+        slice_size=(112, 112),
         batch_size=8,
         learning_rate=3e-3,
         max_steps=600,
@@ -150,11 +168,15 @@ _PRESETS: dict[str, Preset] = {
         attention_dim=64,
         attention_stride=2,
         text_max_length=32,
-        seg_channels=(16, 32, 64, 128),
+        seg_channels=(16, 32, 64, 128, 256),
         stage2_batch_size=8,
         stage2_learning_rate=1e-3,
-        stage2_max_steps=800,
+        stage2_max_steps=1500,
         encoder_res_units=2,
+        keep_aspect=True,
+        context_slices=1,
+        fov_shift=0.25,
+        seg_res_units=1,
     ),
     "paper": Preset(
         name="paper",
@@ -179,6 +201,9 @@ _PRESETS: dict[str, Preset] = {
         stage2_batch_size=8,
         stage2_learning_rate=1e-3,
         stage2_max_steps=20000,
+        keep_aspect=True,
+        context_slices=1,
+        fov_shift=0.25,
     ),
 }
 

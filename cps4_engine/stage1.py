@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,16 +37,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
-from cps4_engine.checkpoint import (
-    load_training_state,
-    load_weights,
-    read_run_config,
-    save_training_state,
-    save_weights,
-    write_json_atomically,
-    write_run_config,
-)
+from cps4_engine import checkpoint, distributed
+from cps4_engine.checkpoint import read_run_config, write_run_config
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.labels import LabelScheme, mrspineseg_scheme
@@ -57,12 +50,21 @@ from cps4_engine.models.text import load_text_encoder
 from cps4_engine.models.vlm import VLM
 from cps4_engine.preprocess import class_validity, prepare_volume
 from cps4_engine.presets import Preset, get_preset
+from cps4_engine.training import (
+    BEST_FILE,
+    HISTORY_FILE,
+    LAST_FILE,
+    SPLIT_FILE,
+    STATE_FILE,
+    LoopSettings,
+    StageTask,
+    TrainingLoop,
+    batches,
+    check_run_folder,
+)
 
-BEST_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
-STATE_FILE = "train_state.safetensors"
-HISTORY_FILE = "history.json"
-SPLIT_FILE = "split.json"
+# The learning rate decays to this share of its base value (cosine after the warm-up).
+FINAL_LEARNING_RATE_SHARE = 0.1
 TEXT_FOLDER = "text_encoder"
 EMPTY_SLICE_WEIGHT = 0.25
 WARMUP_FRACTION = 0.05
@@ -150,8 +152,10 @@ class Stage1Config:
 
 
 @dataclass
-class SliceCache:
-    """Preprocessed slices of several volumes, kept in memory.
+class SliceCache(Dataset):
+    """Preprocessed slices of several volumes, kept in memory; a torch ``Dataset``.
+
+    Item ``i`` is ``(image (1, H, W), label (H, W), painted)``.
 
     Attributes:
         images: float32 ``(N, 1, H, W)`` in [0, 1].
@@ -168,6 +172,9 @@ class SliceCache:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]:
+        return self.images[index], self.labels[index], self.painted[index]
+
 
 def class_prompts(scheme: LabelScheme, template: str | None = None) -> list[str]:
     """One prompt per class of ``scheme``, index = class id, background first.
@@ -180,12 +187,13 @@ def class_prompts(scheme: LabelScheme, template: str | None = None) -> list[str]
     return [template.format(name=scheme.by_id(0).name)] + [foreground[class_id] for class_id in scheme.foreground_ids]
 
 
-def load_slices(cases: Sequence[Any], size: tuple[int, int]) -> SliceCache:
+def load_slices(cases: Sequence[Any], size: tuple[int, int], keep_aspect: bool = False) -> SliceCache:
     """Read, preprocess and stack the labeled volumes ``cases``.
 
     Args:
         cases: :class:`cps4_engine.data.Case` objects with a label file.
         size: model slice size ``(H, W)``.
+        keep_aspect: letterbox the slices (:func:`cps4_engine.preprocess.prepare_volume`).
 
     Raises:
         CPS4Error: a volume or mask is unreadable, or they do not match
@@ -196,7 +204,7 @@ def load_slices(cases: Sequence[Any], size: tuple[int, int]) -> SliceCache:
     images, labels, painted, owners = [], [], [], []
     for index, case in enumerate(cases):
         volume, label = load_case(case)
-        stack = prepare_volume(volume, size, label=label, painted=case.painted)
+        stack = prepare_volume(volume, size, label=label, painted=case.painted, keep_aspect=keep_aspect)
         images.append(torch.from_numpy(stack.images))
         labels.append(torch.from_numpy(stack.labels))
         painted.extend([stack.painted] * stack.num_slices)
@@ -264,23 +272,18 @@ def _check_config(config: Stage1Config) -> None:
         raise CPS4Error("every stage-1 loss weight is 0; nothing would be trained")
 
 
-def _learning_rate_factor(step: int, max_steps: int) -> float:
-    """Linear warm-up over the first steps, then cosine decay to 10 %."""
-    warmup = max(1, int(WARMUP_FRACTION * max_steps))
-    if step <= warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-class Stage1Trainer:
-    """One stage-1 run: checks, data, model, optimisation loop (see the module docstring)."""
+class Stage1Trainer(StageTask):
+    """One stage-1 run: checks, data, model and step, run by the shared training loop.
+
+    :class:`~cps4_engine.training.TrainingLoop` owns checkpoints, resume, the schedule
+    (warm-up, cosine decay to 10 %), clipping, AMP, validation and events.
+    """
 
     def __init__(self, config: Stage1Config) -> None:
         from cps4_engine.device import resolve_device
@@ -296,8 +299,6 @@ class Stage1Trainer:
         self.batch_size = int(config.batch_size or self.preset.batch_size)
         self.learning_rate = float(config.learning_rate or self.preset.learning_rate)
         self.validation_every = int(config.validation_every or min(self.preset.validation_every, self.max_steps))
-        if (self.out / "config.json").exists() and not config.resume:
-            raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
         if config.resume:
             recorded = read_run_config(self.out, stage=1, scheme=self.scheme.name)
             self.config = config = replace(
@@ -305,9 +306,13 @@ class Stage1Trainer:
                 centre_prompts=bool(recorded.get("centre_prompts", False)),
                 freeze_text_encoder=bool(recorded.get("text_encoder", {}).get("frozen", False)),
             )
-            if not (self.out / STATE_FILE).is_file():
-                raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
+        check_run_folder(self.out, config.resume)
         self.split = self._split()
+        self.loop = TrainingLoop(self, LoopSettings(
+            out=self.out, stage="stage 1", max_steps=self.max_steps, validation_every=self.validation_every,
+            resume=config.resume, amp=config.amp, schedule="cosine", warmup_fraction=WARMUP_FRACTION,
+            floor=FINAL_LEARNING_RATE_SHARE, gradient_clip=1.0,
+        ))
 
     def _split(self) -> Any:
         from cps4_engine.data import open_dataset, split_cases
@@ -334,6 +339,7 @@ class Stage1Trainer:
             "preset": self.preset.to_dict(),
             "preprocessing": {
                 "slice_size": list(self.preset.slice_size),
+                "keep_aspect": self.preset.keep_aspect,
                 "intensity": "per-volume percentile scaling 0.5-99.5 to [0, 1]",
             },
             "text_encoder": {
@@ -361,119 +367,84 @@ class Stage1Trainer:
         others = [parameter for parameter in model.parameters() if id(parameter) not in text_ids]
         return torch.optim.AdamW(
             [
-                {"params": others, "lr": self.learning_rate, "base_lr": self.learning_rate},
-                {"params": text_backbone, "lr": self.learning_rate * self.config.text_learning_rate_scale, "base_lr": self.learning_rate * self.config.text_learning_rate_scale},
+                {"params": others, "lr": self.learning_rate},
+                {"params": text_backbone, "lr": self.learning_rate * self.config.text_learning_rate_scale},
             ],
             weight_decay=1e-4,
         )
 
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
         """Train, yielding events; see :func:`iter_pretrain`."""
-        config, device = self.config, self.device
+        context = distributed.setup(self.config.device)
+        try:
+            yield from self.loop.run(context, cancel or CancelToken())
+        finally:
+            distributed.teardown(context)
+
+    def setup(self, context: distributed.DistContext) -> None:
+        config, device = self.config, context.device
         _seed_everything(config.seed)
-        model = self.build_model().to(device)
-        train = load_slices(self.split.labeled, self.preset.slice_size)
-        validation = load_slices([case for case in self.split.validation if case.is_labeled], self.preset.slice_size)
-        optimizer = self._optimizer(model)
-        use_amp = config.amp and device.type == "cuda"
-        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-        sampler = torch.Generator().manual_seed(config.seed)
-        criterion = Stage1Loss(config.loss_weights(), self.preset.attention_stride)
-        history: dict[str, list] = {"steps": [], "validation": []}
-        start_step, best = 0, -1.0
-        if config.resume:
-            model.load_state_dict(load_weights(self.out / LAST_FILE, device))
-            start_step, extra = load_training_state(self.out / STATE_FILE, optimizer, scaler, generators={"sampler": sampler})
-            best = float(extra.get("best", -1.0))
-            previous = read_history(self.out)
-            history = {key: [entry for entry in previous.get(key, []) if entry["step"] <= start_step] for key in history}
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            model.text_encoder.save_architecture(self.out / TEXT_FOLDER)
-            self.split.save(self.out / SPLIT_FILE)
-            write_run_config(self.out, self.run_config(model.text_encoder.source))
-        augmenter = None
+        self.model = self.build_model().to(device)
+        self.trained = distributed.wrap_model(self.model, context)
+        geometry = {"size": self.preset.slice_size, "keep_aspect": self.preset.keep_aspect}
+        self.train_slices = load_slices(self.split.labeled, **geometry)
+        self.validation = load_slices([case for case in self.split.validation if case.is_labeled], **geometry)
+        self.optimizer = self._optimizer(self.model)
+        sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
+        self.generators = {"sampler": sampler}
+        self.augmenter = None
         if config.augment:
             from cps4_engine.augment import SliceAugmenter
 
-            augmenter = SliceAugmenter(seed=config.seed)
-        has_structure = (train.labels.flatten(1) > 0).any(dim=1)
+            self.augmenter = SliceAugmenter(seed=config.seed)
+            self.generators["augmentation"] = self.augmenter.generator
+        self.criterion = Stage1Loss(config.loss_weights(), self.preset.attention_stride)
+        has_structure = (self.train_slices.labels.flatten(1) > 0).any(dim=1)
         weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
-        yield TrainEvent(
-            "start", step=start_step, max_steps=self.max_steps, path=str(self.out),
-            message=(
-                f"stage 1 on {device}: {len(self.split.labeled)} labeled volumes ({len(train)} slices), "
-                f"{len(self.split.validation)} validation, text encoder {model.text_encoder.source}"
-            ),
-        )
-        model.train()
-        began, first_step = time.perf_counter(), start_step
-        for step in range(start_step + 1, self.max_steps + 1):
-            if cancel is not None and cancel.cancelled:
-                self._save_last(model, optimizer, scaler, sampler, step - 1, best, history)
-                yield TrainEvent("cancelled", step=step - 1, max_steps=self.max_steps, path=str(self.out), message="cancelled; resume with --resume")
-                return
-            chosen = torch.multinomial(weights, self.batch_size, replacement=True, generator=sampler)
-            images, labels = train.images[chosen], train.labels[chosen]
-            if augmenter is not None:
-                augmented = augmenter.weak({"image": images, "label": labels})
-                images, labels = augmented["image"], augmented["label"]
-            validity = batch_validity(labels, [train.painted[i] for i in chosen.tolist()], len(self.prompts))
-            images, labels, validity = images.to(device), labels.to(device), validity.to(device)
-            factor = _learning_rate_factor(step, self.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                output = model(images)
-            losses = criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            values = {name: float(value.detach()) for name, value in losses.items()}
-            if not math.isfinite(values["total"]):
-                raise CPS4Error(f"stage-1 loss became {values['total']} at step {step}; lower --learning-rate or disable AMP", path=self.out)
-            history["steps"].append({"step": step, **values, "lr": self.learning_rate * factor})
-            elapsed = time.perf_counter() - began
-            eta = elapsed / (step - first_step) * (self.max_steps - step)
-            yield TrainEvent("step", step=step, max_steps=self.max_steps, losses=values, eta_s=eta, message=f"loss {values['total']:.4f}")
-            if step % self.validation_every == 0 or step == self.max_steps:
-                metrics: dict[str, float] = {}
-                improved = not len(validation)
-                if len(validation):
-                    dice = validation_dice(model, validation, config.threshold)
-                    metrics["dice"] = dice
-                    improved = math.isfinite(dice) and dice > best
-                    best = max(best, dice) if math.isfinite(dice) else best
-                    history["validation"].append({"step": step, "dice": dice, "best": best})
-                    yield TrainEvent("validation", step=step, max_steps=self.max_steps, metrics=metrics, message=f"validation Dice {dice:.3f} (best {best:.3f})")
-                if improved:
-                    save_weights(self.out / BEST_FILE, model.state_dict())
-                    yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(self.out / BEST_FILE), message="best model saved")
-                path = self._save_last(model, optimizer, scaler, sampler, step, best, history)
-                yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(path), message="last model and training state saved")
-        yield TrainEvent("end", step=self.max_steps, max_steps=self.max_steps, metrics={"dice": best} if best >= 0 else {}, path=str(self.out), message=f"stage 1 done: {self.out}")
+        pool = distributed.rank_shard(len(self.train_slices), context)
+        self.batches = batches(Subset(self.train_slices, pool.tolist()), self.batch_size, sampler, weights[pool],
+                               collate_fn=_collate_slices)
+        self.context = context
 
-    def _save_last(self, model: VLM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, sampler: torch.Generator, step: int, best: float, history: dict) -> Path:
-        path = save_weights(self.out / LAST_FILE, model.state_dict())
-        save_training_state(self.out / STATE_FILE, step, optimizer, scaler if scaler.is_enabled() else None, generators={"sampler": sampler}, extra={"best": best})
-        if not (self.out / BEST_FILE).exists():
-            save_weights(self.out / BEST_FILE, model.state_dict())
-        write_json_atomically(self.out / HISTORY_FILE, history)
-        return path
+    def write_new_run(self) -> None:
+        self.model.text_encoder.save_architecture(self.out / TEXT_FOLDER)
+        self.split.save(self.out / SPLIT_FILE)
+        write_run_config(self.out, self.run_config(self.model.text_encoder.source))
+
+    def start_message(self) -> str:
+        return (
+            f"stage 1 on {self.context.device}: {len(self.split.labeled)} labeled volumes "
+            f"({len(self.train_slices)} slices), {len(self.split.validation)} validation, "
+            f"text encoder {self.model.text_encoder.source}"
+        )
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels, painted = next(self.batches)
+        if self.augmenter is not None:
+            augmented = self.augmenter.weak({"image": images, "label": labels})
+            images, labels = augmented["image"], augmented["label"]
+        device = self.context.device
+        validity = batch_validity(labels, painted, len(self.prompts)).to(device)
+        images, labels = images.to(device), labels.to(device)
+        output = self.trained(images)
+        losses = self.criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
+        return losses["total"], {name: float(value.detach()) for name, value in losses.items()}
+
+    def validate(self) -> dict[str, tuple[float, nn.Module]]:
+        if not len(self.validation):
+            return {}
+        return {"student": (validation_dice(self.model, self.validation, self.config.threshold), self.model)}
+
+
+def _collate_slices(items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]]) -> tuple:
+    """A stage-1 batch: stacked images and labels, and each slice's painted classes."""
+    images, labels, painted = zip(*items)
+    return torch.stack(images), torch.stack(labels), list(painted)
 
 
 def read_history(run_dir: str | Path) -> dict[str, list]:
     """The ``history.json`` of a run (empty lists when it has none yet)."""
-    import json
-
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        return {"steps": [], "validation": []}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return checkpoint.read_history(Path(run_dir) / HISTORY_FILE)
 
 
 def iter_pretrain(config: Stage1Config, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:

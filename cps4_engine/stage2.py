@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -54,35 +52,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from cps4_engine import distributed
 from cps4_engine.augment import SliceAugmenter
-from cps4_engine.checkpoint import (
-    load_training_state,
-    load_weights,
-    read_run_config,
-    save_training_state,
-    save_weights,
-    write_json_atomically,
-    write_run_config,
-)
+from cps4_engine.checkpoint import load_weights, read_run_config, write_run_config
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import combine_with_teacher
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
-from cps4_engine.preprocess import IGNORE_INDEX, SliceStack, class_validity, labels_for_ce, prepare_volume
+from cps4_engine.preprocess import (
+    IGNORE_INDEX,
+    SliceStack,
+    class_validity,
+    labels_for_ce,
+    prepare_volume,
+    with_context,
+)
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT, Preset, get_preset
+from cps4_engine.training import (
+    BEST_FILE,
+    HISTORY_FILE,
+    LAST_FILE,
+    SPLIT_FILE,
+    STATE_FILE,
+    LoopSettings,
+    StageTask,
+    TrainingLoop,
+    autocast,
+    batches,
+    check_run_folder,
+)
 
 METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
+WARMUP_FRACTION = 0.05
 PSEUDO_LABEL_SOURCES: tuple[str, ...] = ("teacher", "prompt", "fused")
 SCHEME_NAME = "mrspineseg"
 
-MODEL_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
+MODEL_FILE = BEST_FILE
 TEACHER_FILE = "teacher.safetensors"
-STATE_FILE = "train_state.safetensors"
-HISTORY_FILE = "history.json"
-SPLIT_FILE = "split.json"
 PROMPT_BATCH = 16
 # Labeled slices that show a structure are drawn this many times as often as empty ones
 # (the outer sagittal slices), so few steps are not spent on background alone.
@@ -122,6 +130,11 @@ class Stage2Config:
         init_weights: a segmenter ``.safetensors`` file (e.g. a previous refinement
             round's ``model.safetensors``) the student and teacher start from instead of
             a random initialisation; ignored when resuming.
+        slice_size, keep_aspect, context_slices, fov_shift: override the preset's
+            recipe (:class:`~cps4_engine.presets.Preset`) for ablations; None keeps it.
+        schedule: learning-rate schedule, ``cosine`` (linear warm-up over the first 5 %
+            of the steps, then cosine decay to 0) or ``constant``.
+        gradient_clip: the gradients' global norm is clipped to this (None: no clipping).
     """
 
     data: str | Path
@@ -148,6 +161,12 @@ class Stage2Config:
     resume: bool = False
     amp: bool = True
     init_weights: str | Path | None = None
+    slice_size: tuple[int, int] | None = None
+    keep_aspect: bool | None = None
+    context_slices: int | None = None
+    fov_shift: float | None = None
+    schedule: str = "cosine"
+    gradient_clip: float | None = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings)."""
@@ -159,11 +178,14 @@ class Stage2Config:
 
 
 @dataclass
-class SliceSet:
-    """Preprocessed slices of several volumes, concatenated.
+class SliceSet(Dataset):
+    """Preprocessed slices of several volumes, concatenated; a torch ``Dataset`` of slices.
+
+    Item ``i`` is a dict of ``index`` (``i``), ``image`` ``(C, H, W)``, ``label``
+    ``(H, W)``, ``partial`` and ``painted`` ``(20,)``.
 
     Attributes:
-        images: float32 ``(N, 1, H, W)`` in [0, 1].
+        images: float32 ``(N, C, H, W)`` in [0, 1]: each slice and its neighbours (2.5D).
         labels: int64 ``(N, H, W)`` class ids (0 where unknown or unlabeled).
         partial: bool ``(N,)``: the slice's mask is partial.
         painted: bool ``(N, 20)``: classes painted in the slice's partial mask (all
@@ -181,6 +203,10 @@ class SliceSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "image": self.images[index], "label": self.labels[index],
+                "partial": self.partial[index], "painted": self.painted[index]}
 
 
 def resolve_pseudo_label(method: str, pseudo_label: str | None) -> str | None:
@@ -253,15 +279,13 @@ def supervised_loss(
     """
     from monai.losses import DiceLoss
 
-    validity_rows, target_rows = [], []
-    for index in range(labels.shape[0]):
-        painted_ids = (
-            tuple(int(c) for c in torch.nonzero(painted[index]).flatten()) if partial[index] else None
-        )
-        validity_rows.append(class_validity(labels[index : index + 1], painted_ids, NUM_CLASSES))
-        target_rows.append(labels_for_ce(labels[index : index + 1], painted_ids))
-    validity = torch.cat(validity_rows).to(logits.dtype)
-    targets = torch.cat(target_rows)
+    # class_validity and labels_for_ce for every row at once: complete rows know every
+    # class everywhere; partial rows know their painted classes everywhere and every class
+    # on painted pixels.
+    painted_pixels = (labels != 0).unsqueeze(1)
+    known_classes = (~partial).unsqueeze(1) | painted
+    validity = (known_classes[:, :, None, None] | painted_pixels).to(logits.dtype)
+    targets = torch.where(partial[:, None, None] & (labels == 0), IGNORE_INDEX, labels.to(torch.int64))
 
     known = targets != IGNORE_INDEX
     if known.any():
@@ -325,8 +349,13 @@ def pseudo_labels(
     return labels, mask
 
 
-def _load_stacks(cases: Sequence[Any], size: tuple[int, int], with_labels: bool) -> SliceSet:
-    """Read and preprocess volumes into one :class:`SliceSet` (labels only if asked)."""
+def _load_stacks(
+    cases: Sequence[Any], size: tuple[int, int], with_labels: bool, keep_aspect: bool = False, context: int = 0
+) -> SliceSet:
+    """Read and preprocess volumes into one :class:`SliceSet` (labels only if asked).
+
+    Images carry ``1 + 2 * context`` channels (:func:`~cps4_engine.preprocess.with_context`).
+    """
     from cps4_engine.io import read_volume
 
     images, labels, partial, painted, stacks, case_ids = [], [], [], [], [], []
@@ -336,9 +365,10 @@ def _load_stacks(cases: Sequence[Any], size: tuple[int, int], with_labels: bool)
         case_painted = getattr(case, "painted", None)
         if with_labels and case.label_path is not None:
             label = read_volume(case.label_path, kind="label")
-        stack = prepare_volume(volume, size, label=label, painted=case_painted if label is not None else None)
+        stack = prepare_volume(volume, size, label=label, painted=case_painted if label is not None else None,
+                               keep_aspect=keep_aspect)
         count = stack.num_slices
-        images.append(torch.from_numpy(stack.images))
+        images.append(torch.from_numpy(with_context(stack.images, context)))
         if stack.labels is not None:
             labels.append(torch.from_numpy(stack.labels))
         else:
@@ -352,7 +382,7 @@ def _load_stacks(cases: Sequence[Any], size: tuple[int, int], with_labels: bool)
         stacks.append(stack)
         case_ids.append(str(case.case_id))
     if not images:
-        empty = torch.zeros(0, 1, *size)
+        empty = torch.zeros(0, 1 + 2 * context, *size)
         return SliceSet(empty, torch.zeros(0, *size, dtype=torch.int64),
                         torch.zeros(0, dtype=torch.bool), torch.zeros(0, NUM_CLASSES, dtype=torch.bool))
     return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(partial), torch.cat(painted),
@@ -428,7 +458,7 @@ def predict_slices(model: nn.Module, images: torch.Tensor, batch_size: int, amp:
     """
     outputs = []
     for start in range(0, images.shape[0], batch_size):
-        with _autocast(images.device, amp):
+        with autocast(images.device, amp):
             logits = model(images[start : start + batch_size])
         outputs.append(torch.softmax(logits.float(), dim=1))
     return torch.cat(outputs)
@@ -469,18 +499,15 @@ def validation_dice(model: nn.Module, slices: SliceSet, device: torch.device, ba
     return float(np.mean(scores)) if scores else math.nan
 
 
-def _autocast(device: torch.device, amp: bool) -> Any:
-    enabled = amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-class Stage2Trainer:
-    """One stage-2 run: data, networks, optimiser and the training loop.
+class Stage2Trainer(StageTask):
+    """One stage-2 run: its data, networks and step, run by the shared training loop.
 
     ``Stage2Trainer(config).run(cancel)`` yields :class:`~cps4_engine.events.TrainEvent`
-    objects; after it finishes, :attr:`student` and :attr:`teacher` hold the final
-    networks (useful to tests and benchmarks). Construction validates the configuration
-    and raises :class:`~cps4_engine.errors.CPS4Error` on bad input before any work.
+    objects (:class:`~cps4_engine.training.TrainingLoop` owns checkpoints, resume, the
+    schedule, clipping, validation and events); after it finishes, :attr:`student` and
+    :attr:`teacher` hold the final networks (useful to tests and benchmarks).
+    Construction validates the configuration and raises
+    :class:`~cps4_engine.errors.CPS4Error` on bad input before any work.
 
     Args:
         config: the run's settings.
@@ -497,8 +524,6 @@ class Stage2Trainer:
         _check_labeled(config.labeled, config.method)
         if config.method == "cps4" and config.vlm is None:
             raise CPS4Error("--method cps4 needs --vlm RUN, a stage-1 run folder (cps4 pretrain)")
-        if config.vlm is not None:
-            read_run_config(config.vlm, stage=1, scheme=SCHEME_NAME)
         for option, value, low, high in (
             ("--prompt-weight", config.prompt_weight, 0.0, 1.0),
             ("--prompt-threshold", config.prompt_threshold, 0.0, 1.0),
@@ -507,7 +532,22 @@ class Stage2Trainer:
         ):
             if not low <= value <= high:
                 raise CPS4Error(f"{option} {value} must be between {low:g} and {high:g}")
-        self.preset: Preset = get_preset(config.preset)
+        recipe = {
+            "slice_size": None if config.slice_size is None else tuple(int(n) for n in config.slice_size),
+            "keep_aspect": config.keep_aspect, "context_slices": config.context_slices,
+            "fov_shift": config.fov_shift,
+        }
+        self.preset: Preset = replace(
+            get_preset(config.preset), **{key: value for key, value in recipe.items() if value is not None}
+        )
+        if config.vlm is not None:
+            vlm_preset = read_run_config(config.vlm, stage=1, scheme=SCHEME_NAME).get("preset", {})
+            if bool(vlm_preset.get("keep_aspect", False)) != self.preset.keep_aspect:
+                fitted = "letterboxes" if vlm_preset.get("keep_aspect") else "stretches"
+                raise CPS4Error(
+                    f"the stage-1 run {fitted} its slices and this stage-2 run does not; its class maps "
+                    f"would not lie on the segmenter's grid (pretrain with the same --preset)", path=config.vlm,
+                )
         self.max_steps = int(config.max_steps or self.preset.stage2_max_steps)
         if self.max_steps < 1:
             raise CPS4Error(f"--max-steps {self.max_steps} must be at least 1")
@@ -515,19 +555,18 @@ class Stage2Trainer:
         self.learning_rate = float(config.learning_rate or self.preset.stage2_learning_rate)
         self.validation_every = int(config.validation_every or max(1, self.max_steps // 10))
         self.out = Path(config.out)
-        # Under torchrun rank 0 may already have started this very run when another rank
-        # gets here, so only rank 0 guards the folder against overwriting.
-        first_rank = int(os.environ.get("RANK", "0")) == 0
-        if first_rank and (self.out / "config.json").exists() and not config.resume:
-            raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=self.out)
+        check_run_folder(self.out, config.resume)
         if config.init_weights is not None and not Path(config.init_weights).is_file():
             raise CPS4Error("initial weights file not found", path=config.init_weights)
-        if config.resume and not (self.out / STATE_FILE).is_file():
-            raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=self.out)
         self._vlm_loader = vlm_loader or _load_vlm
         self.split = self._split()
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None
+        self.loop = TrainingLoop(self, LoopSettings(
+            out=self.out, stage="stage 2", max_steps=self.max_steps, validation_every=self.validation_every,
+            resume=config.resume, amp=config.amp, schedule=config.schedule, warmup_fraction=WARMUP_FRACTION,
+            floor=0.0, gradient_clip=config.gradient_clip,
+        ))
 
     def _split(self) -> Any:
         from cps4_engine.data import open_dataset, split_cases
@@ -572,8 +611,12 @@ class Stage2Trainer:
             "segmenter": segmenter_config(self.preset),
             "preprocessing": {
                 "slice_size": list(self.preset.slice_size),
+                "keep_aspect": self.preset.keep_aspect,
+                "context_slices": self.preset.context_slices,
                 "intensity": "per-volume percentile scaling 0.5-99.5 to [0, 1]",
             },
+            "schedule": self.config.schedule,
+            "gradient_clip": self.config.gradient_clip,
             "method": self.config.method,
             "pseudo_label": self.pseudo_label_source,
             "vlm": str(Path(self.config.vlm).resolve()) if self.config.vlm is not None else None,
@@ -588,26 +631,28 @@ class Stage2Trainer:
         """Train, yielding events; see the module doc for what is written."""
         context = distributed.setup(self.config.device)
         try:
-            yield from self._run(context, cancel or CancelToken())
+            yield from self.loop.run(context, cancel or CancelToken())
         finally:
             distributed.teardown(context)
 
-    def _run(self, context: distributed.DistContext, cancel: CancelToken) -> Iterator[TrainEvent]:
-        config, device, main = self.config, context.device, context.is_main
+    def setup(self, context: distributed.DistContext) -> None:
+        config, device = self.config, context.device
+        self.context = context
         size = tuple(self.preset.slice_size)
-        amp = config.amp and device.type == "cuda"
-
-        labeled = _load_stacks(self.split.labeled, size, with_labels=True)
+        recipe = {"keep_aspect": self.preset.keep_aspect, "context": self.preset.context_slices}
+        self.labeled = _load_stacks(self.split.labeled, size, with_labels=True, **recipe)
         partial_cases = [case for case in self.split.labeled if case.is_partial]
-        unlabeled = _load_stacks(self.split.unlabeled, size, with_labels=False)
+        unlabeled = _load_stacks(self.split.unlabeled, size, with_labels=False, **recipe)
         if partial_cases:
-            unlabeled = _concat_sets(unlabeled, _load_stacks(partial_cases, size, with_labels=True))
-        validation = _load_stacks(self.split.validation, size, with_labels=True)
+            unlabeled = _concat_sets(unlabeled, _load_stacks(partial_cases, size, with_labels=True, **recipe))
+        self.unlabeled = unlabeled
+        self.validation = _load_stacks(self.split.validation, size, with_labels=True, **recipe)
 
-        prompt_cache = None
+        self.prompt_cache = None
         if self.semi_supervised and self.pseudo_label_source in ("prompt", "fused"):
             vlm = self._vlm_loader(config.vlm, device)  # type: ignore[arg-type]
-            prompt_cache = compute_prompt_cache(vlm, unlabeled.images, device)
+            centre = self.preset.context_slices
+            self.prompt_cache = compute_prompt_cache(vlm, unlabeled.images[:, centre : centre + 1], device)
             del vlm
 
         torch.manual_seed(config.seed)
@@ -619,167 +664,92 @@ class Stage2Trainer:
                 raise CPS4Error(
                     f"weights do not fit the {self.preset.name} preset's segmenter", path=config.init_weights
                 ) from None
-        teacher = copy.deepcopy(student).requires_grad_(False)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=self.learning_rate, weight_decay=1e-4)
+        self.model = self.student = student
+        self.teacher = copy.deepcopy(student).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=self.learning_rate, weight_decay=1e-4)
+        self.trained = distributed.wrap_model(student, context)
+        self.augmenter = SliceAugmenter(
+            seed=config.seed * 7919 + context.rank,
+            translate_fraction=(self.preset.fov_shift, SliceAugmenter.DEFAULT_TRANSLATE),
+        )
         sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
-        history: dict[str, Any] = {"steps": [], "validation": []}
-        start_step, best_score, best_source = 0, -math.inf, None
+        self.generators = {"sampler": sampler, "augmentation": self.augmenter.generator}
+        labeled_pool = distributed.rank_shard(len(self.labeled), context)
+        shows_structure = (self.labeled.labels[labeled_pool].flatten(1) > 0).any(dim=1)
+        weights = 1.0 + (FOREGROUND_SLICE_WEIGHT - 1.0) * shows_structure.float()
+        self.labeled_batches = batches(Subset(self.labeled, labeled_pool.tolist()), self.batch_size, sampler, weights)
+        self.unlabeled_batches = None
+        if self.semi_supervised and len(unlabeled):
+            pool = distributed.rank_shard(len(unlabeled), context)
+            self.unlabeled_batches = batches(Subset(unlabeled, pool.tolist()), self.batch_size, sampler)
+        self.rampup_steps = int(config.rampup_fraction * self.max_steps)
 
-        if config.resume:
-            student.load_state_dict(load_weights(self.out / LAST_FILE, device))
-            teacher.load_state_dict(load_weights(self.out / TEACHER_FILE, device))
-            start_step, extra = load_training_state(self.out / STATE_FILE, optimizer, generators={"sampler": sampler})
-            stored_best = extra.get("best_score")
-            best_score = -math.inf if stored_best is None else float(stored_best)
-            best_source = extra.get("best_source")
-            previous = _read_history(self.out / HISTORY_FILE)
-            history["steps"] = [e for e in previous.get("steps", []) if e["step"] <= start_step]
-            history["validation"] = [e for e in previous.get("validation", []) if e["step"] <= start_step]
-        elif main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.split.save(self.out / SPLIT_FILE)
-            write_run_config(self.out, self.run_config())
+    def write_new_run(self) -> None:
+        self.split.save(self.out / SPLIT_FILE)
+        write_run_config(self.out, self.run_config())
 
-        trained = distributed.wrap_model(student, context)
-        self.student, self.teacher = student, teacher
-        augmenter = SliceAugmenter(seed=config.seed * 7919 + start_step + context.rank)
-        labeled_pool = distributed.rank_shard(len(labeled), context)
-        shows_structure = (labeled.labels[labeled_pool].flatten(1) > 0).any(dim=1)
-        labeled_weights = 1.0 + (FOREGROUND_SLICE_WEIGHT - 1.0) * shows_structure.float()
-        unlabeled_pool = distributed.rank_shard(len(unlabeled), context) if len(unlabeled) else None
-        rampup_steps = int(config.rampup_fraction * self.max_steps)
+    def start_message(self) -> str:
+        context = self.context
+        return (
+            f"stage 2 {self.config.method}: {len(self.split.labeled)} labeled, "
+            f"{len(self.split.unlabeled)} unlabeled, {len(self.split.validation)} validation "
+            f"volumes; {len(self.labeled)} labeled / {len(self.unlabeled)} unlabeled slices on {context.device}"
+            + (f" x{context.world_size} processes" if context.distributed else "")
+        )
 
-        if main:
-            yield TrainEvent(
-                "start", step=start_step, max_steps=self.max_steps,
-                message=(
-                    f"stage 2 {config.method}: {len(self.split.labeled)} labeled, "
-                    f"{len(self.split.unlabeled)} unlabeled, {len(self.split.validation)} validation "
-                    f"volumes; {len(labeled)} labeled / {len(unlabeled)} unlabeled slices on {device}"
-                    + (f" x{context.world_size} processes" if context.distributed else "")
-                ),
-            )
+    def extra_weights(self) -> dict[str, nn.Module]:
+        return {TEACHER_FILE: self.teacher}  # type: ignore[dict-item]
 
-        def save_checkpoint(step: int) -> Path:
-            save_weights(self.out / LAST_FILE, student.state_dict())
-            save_weights(self.out / TEACHER_FILE, teacher.state_dict())
-            if best_source is None:
-                save_weights(self.out / MODEL_FILE, student.state_dict())
-            save_training_state(
-                self.out / STATE_FILE, step, optimizer, generators={"sampler": sampler},
-                extra={"best_score": best_score if math.isfinite(best_score) else None,
-                       "best_source": best_source},
-            )
-            write_json_atomically(self.out / HISTORY_FILE, history)
-            return self.out / LAST_FILE
+    def after_step(self, step: int) -> None:
+        update_ema(self.teacher, self.student, self.config.ema_decay, step)  # type: ignore[arg-type]
 
-        step_times: list[float] = []
-        step = start_step
-        while step < self.max_steps:
-            if distributed.any_rank(cancel.cancelled, context):
-                if main:
-                    path = save_checkpoint(step)
-                    yield TrainEvent("cancelled", step=step, max_steps=self.max_steps, path=str(path),
-                                     message=f"cancelled at step {step}; resume with --resume")
-                return
-            began = time.perf_counter()
-            losses = self._step(trained, student, teacher, optimizer, augmenter, sampler, labeled,
-                                labeled_pool, labeled_weights, unlabeled, unlabeled_pool, prompt_cache, step,
-                                rampup_steps, device, amp)
-            step += 1
-            update_ema(teacher, student, config.ema_decay, step)
-            elapsed = time.perf_counter() - began
-            step_times.append(elapsed)
-            recent = step_times[-20:]
-            eta = float(np.mean(recent)) * (self.max_steps - step)
-            if main:
-                history["steps"].append({"step": step, "losses": losses, "step_s": elapsed})
-                yield TrainEvent("step", step=step, max_steps=self.max_steps, losses=losses, eta_s=eta)
+    def validate(self) -> dict[str, tuple[float, nn.Module]]:
+        if not len(self.validation):
+            return {}
+        device, amp = self.context.device, self.config.amp
+        scores = {"student": (validation_dice(self.student, self.validation, device, self.batch_size, amp),
+                              self.student)}
+        if self.semi_supervised:
+            scores["teacher"] = (validation_dice(self.teacher, self.validation, device, self.batch_size, amp),
+                                 self.teacher)
+        return scores  # type: ignore[return-value]
 
-            if main and (step % self.validation_every == 0 or step == self.max_steps):
-                metrics = {}
-                if len(validation):
-                    metrics["dice"] = validation_dice(student, validation, device, self.batch_size, amp)
-                    if self.semi_supervised:
-                        metrics["teacher_dice"] = validation_dice(teacher, validation, device, self.batch_size, amp)
-                    for source, key in (("student", "dice"), ("teacher", "teacher_dice")):
-                        score = metrics.get(key, math.nan)
-                        if math.isfinite(score) and score > best_score:
-                            best_score, best_source = score, source
-                            chosen = student if source == "student" else teacher
-                            save_weights(self.out / MODEL_FILE, chosen.state_dict())
-                    history["validation"].append({"step": step, **metrics, "best": best_score, "best_source": best_source})
-                    yield TrainEvent("validation", step=step, max_steps=self.max_steps, metrics=metrics,
-                                     message=f"validation Dice {metrics['dice']:.3f} (best {best_score:.3f}, {best_source})")
-                path = save_checkpoint(step)
-                yield TrainEvent("checkpoint", step=step, max_steps=self.max_steps, path=str(path))
-        if main:
-            if step == start_step:
-                save_checkpoint(step)
-            yield TrainEvent("end", step=step, max_steps=self.max_steps, path=str(self.out),
-                             message=f"stage-2 run written to {self.out}")
-
-    def _step(
-        self, trained: nn.Module, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-        augmenter: SliceAugmenter, sampler: torch.Generator, labeled: SliceSet, labeled_pool: torch.Tensor,
-        labeled_weights: torch.Tensor,
-        unlabeled: SliceSet, unlabeled_pool: torch.Tensor | None, prompt_cache: torch.Tensor | None,
-        step: int, rampup_steps: int, device: torch.device, amp: bool,
-    ) -> dict[str, float]:
-        config = self.config
-        drawn = torch.multinomial(labeled_weights, self.batch_size, replacement=True, generator=sampler)
-        pick = labeled_pool[drawn]
-        weak_labeled = augmenter.weak({"image": labeled.images[pick].to(device),
-                                       "label": labeled.labels[pick].to(device)})
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        config, device = self.config, self.context.device
+        labeled = next(self.labeled_batches)
+        weak_labeled = self.augmenter.weak({"image": labeled["image"].to(device), "label": labeled["label"].to(device)})
         inputs = [weak_labeled["image"]]
-        semi = self.semi_supervised and unlabeled_pool is not None
+        semi = self.unlabeled_batches is not None
         if semi:
-            upick = unlabeled_pool[torch.randint(len(unlabeled_pool), (self.batch_size,), generator=sampler)]
-            views = {"image": unlabeled.images[upick].to(device), "label": unlabeled.labels[upick].to(device)}
-            if prompt_cache is not None:
-                views["prompt"] = prompt_cache[upick.to(prompt_cache.device)].to(device).float()
-            weak_unlabeled = augmenter.weak(views)
-            teacher.eval()
-            with torch.no_grad(), _autocast(device, amp):
-                teacher_probs = torch.softmax(teacher(weak_unlabeled["image"]).float(), dim=1)
+            unlabeled = next(self.unlabeled_batches)  # type: ignore[arg-type]
+            views = {"image": unlabeled["image"].to(device), "label": unlabeled["label"].to(device)}
+            if self.prompt_cache is not None:
+                views["prompt"] = self.prompt_cache[unlabeled["index"].to(self.prompt_cache.device)].to(device).float()
+            weak_unlabeled = self.augmenter.weak(views)
+            self.teacher.eval()  # type: ignore[union-attr]
+            with torch.no_grad():
+                teacher_probs = torch.softmax(self.teacher(weak_unlabeled["image"]).float(), dim=1)  # type: ignore[misc]
             targets, mask = pseudo_labels(
                 teacher_probs, weak_unlabeled.get("prompt"), weak_unlabeled["label"],
-                unlabeled.painted[upick].to(device), self.pseudo_label_source or "teacher",
+                unlabeled["painted"].to(device), self.pseudo_label_source or "teacher",
                 config.confidence_threshold, config.prompt_threshold, config.prompt_weight,
             )
-            inputs.append(augmenter.strong(weak_unlabeled["image"]))
-
-        student.train()
-        with _autocast(device, amp):
-            logits = trained(torch.cat(inputs)).float()
-        labeled_logits = logits[: self.batch_size]
-        dice, ce = supervised_loss(labeled_logits, weak_labeled["label"], labeled.partial[pick].to(device),
-                                   labeled.painted[pick].to(device))
+            inputs.append(self.augmenter.strong(weak_unlabeled["image"]))
+        logits = self.trained(torch.cat(inputs)).float()
+        count = weak_labeled["image"].shape[0]
+        dice, ce = supervised_loss(logits[:count], weak_labeled["label"], labeled["partial"].to(device),
+                                   labeled["painted"].to(device))
         total = dice + ce
-        losses = {"dice": float(dice.detach()), "ce": float(ce.detach())}
+        losses = {"dice_loss": float(dice.detach()), "ce": float(ce.detach())}
         if semi:
-            weight = config.unsupervised_weight * sigmoid_rampup(step, rampup_steps)
-            pixel_ce = F.cross_entropy(logits[self.batch_size :], targets, reduction="none")
+            weight = config.unsupervised_weight * sigmoid_rampup(step, self.rampup_steps)
+            pixel_ce = F.cross_entropy(logits[count:], targets, reduction="none")
             unsupervised = (pixel_ce * mask).mean()
             total = total + weight * unsupervised
             losses.update(unsupervised=float(unsupervised.detach()), weight=weight,
                           confident=float(mask.float().mean()))
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
         losses["total"] = float(total.detach())
-        return losses
-
-
-def _read_history(path: Path) -> dict[str, Any]:
-    import json
-
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise CPS4Error("unreadable training history", path=path) from None
+        return total, losses
 
 
 def iter_train(config: Stage2Config, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:

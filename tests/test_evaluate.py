@@ -66,7 +66,9 @@ def test_folders_are_scored_against_hand_computed_dice(tmp_path) -> None:
     assert second.hd95[3] == pytest.approx(np.sqrt(16**2 + 8**2 + 3**2))
     table = format_table(result, {2: "L5", 3: "L4", 11: "L5/S"})
     assert "L5/S" in table
-    assert table.splitlines()[-1].split()[2] == f"{100 * (5 / 6 + 1 / 2) / 2:.1f}"
+    mean_row = next(line for line in table.splitlines() if line.startswith("mean"))
+    assert mean_row.split()[2] == f"{100 * (5 / 6 + 1 / 2) / 2:.1f}"
+    assert table.splitlines()[-1].startswith("levels named right:")
     json.dumps(result.to_dict())
 
 
@@ -123,3 +125,20 @@ def test_real_disc_masks_in_a_mixed_folder(realdata, tmp_path) -> None:
     assert all(0.5 < case.dice[c] < 1.0 for c in case.classes)
     # a 1-voxel shift along a 1 mm axis moves every boundary by at most 1 mm
     assert all(0.9 <= case.hd95[c] <= 1.0 + 1e-6 for c in case.classes)
+
+
+def test_the_table_reports_level_naming_beside_dice(tmp_path) -> None:
+    from cps4_engine.evaluate import evaluate, format_table
+
+    gt = np.zeros((12, 4, 3), dtype=np.uint8)
+    for index, class_id in enumerate((4, 3, 2)):
+        gt[index * 4 : index * 4 + 3] = class_id
+    affine = np.eye(4)
+    write_volume(tmp_path / "gt" / "mask_case1.nii.gz", gt, affine)
+    write_volume(tmp_path / "pred" / "Case1_labels.nii.gz", np.where(gt > 0, gt + 1, 0).astype(np.uint8), affine)
+    result = evaluate(tmp_path / "pred", tmp_path / "gt")
+    assert result.summary.level_accuracy == 0.0
+    assert result.summary.mean_spine_dice == pytest.approx(1.0)
+    table = format_table(result)
+    assert "levels named right: 0.0 % of structures; every level right in 0 of 1 cases" in table
+    assert "spine Dice (all foreground as one) 100.0 ± 0.0 %" in table

@@ -109,3 +109,64 @@ def test_summarize_gives_mean_and_sample_sd_per_class() -> None:
     data = summary.to_dict()
     assert set(data["per_class"]) == {"2", "3", "4"}
     assert summarize([second]).sd_dice == 0.0
+
+
+def _stacked_vertebrae() -> np.ndarray:
+    """Five 'vertebrae' L1..L5 (ids 6..2) stacked along axis 0, 3 voxels each, gaps of 1."""
+    gt = np.zeros((20, 6, 4), dtype=np.int64)
+    for index, class_id in enumerate((6, 5, 4, 3, 2)):
+        gt[index * 4 : index * 4 + 3, 1:5, :] = class_id
+    return gt
+
+
+def test_mask_shifted_by_one_level_finds_the_spine_but_names_no_level() -> None:
+    gt = _stacked_vertebrae()
+    shifted = np.where(gt > 0, gt + 1, 0)  # every level named one higher: L1 -> T12 ...
+    result = case_metrics(shifted, gt, SPACING)
+    assert result.spine_dice == pytest.approx(1.0)
+    assert result.level_accuracy == pytest.approx(0.0)
+    assert not result.all_levels_right
+    assert result.mean_dice == pytest.approx(0.0)
+
+
+def test_level_accuracy_counts_structures_named_by_majority() -> None:
+    gt = _stacked_vertebrae()
+    pred = gt.copy()
+    pred[0:1, 1:5, :] = 5  # a third of L1 painted L2: L1 still named right by majority
+    pred[12:15, 1:3, :] = 0  # half of L4 missed: the rest is still L4
+    pred[16:19, 1:5, :] = 3  # L5 painted entirely as L4
+    result = case_metrics(pred, gt, SPACING)
+    assert result.level_named == {2: False, 3: True, 4: True, 5: True, 6: True}
+    assert result.level_accuracy == pytest.approx(0.8)
+    missed_everywhere = case_metrics(np.zeros_like(gt), gt, SPACING)
+    assert missed_everywhere.level_accuracy == pytest.approx(0.0)
+    assert math.isnan(missed_everywhere.spine_dice) is False and missed_everywhere.spine_dice == 0.0
+
+
+def test_level_ties_count_against_the_structure() -> None:
+    gt = np.zeros((4, 4, 1), dtype=np.int64)
+    gt[:, :2] = 3
+    pred = gt.copy()
+    pred[:2, :2] = 4  # half L4, half L3: not named right
+    assert case_metrics(pred, gt, (1.0, 1.0, 1.0)).level_named == {3: False}
+
+
+def test_summary_pools_structures_and_counts_cases_with_every_level_right() -> None:
+    gt = _stacked_vertebrae()
+    perfect = case_metrics(gt, gt, SPACING, case_id="perfect")
+    shifted = case_metrics(np.where(gt > 0, gt + 1, 0), gt, SPACING, case_id="shifted")
+    one_wrong = gt.copy()
+    one_wrong[gt == 2] = 3
+    partly = case_metrics(one_wrong, gt, SPACING, case_id="partly")
+    summary = summarize([perfect, shifted, partly])
+    assert summary.level_accuracy == pytest.approx((5 + 0 + 4) / 15)
+    assert summary.cases_all_levels_right == 1
+    assert summary.mean_spine_dice == pytest.approx(1.0)
+    assert summary.to_dict()["cases_all_levels_right"] == 1
+
+
+def test_spine_dice_is_unknown_for_a_partial_ground_truth() -> None:
+    gt = _stacked_vertebrae()
+    result = case_metrics(gt, gt, SPACING, painted=[4])
+    assert math.isnan(result.spine_dice)
+    assert result.level_named == {4: True}

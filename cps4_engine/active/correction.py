@@ -5,11 +5,9 @@ level called one too high or too low. The tools here fix such errors in one step
 whole label volume, whatever its orientation (they only rename voxels), and
 :func:`check_order` finds the anatomical inconsistencies that reveal them.
 
-Level order. Within each kind (``vertebra``, ``disc``) a scheme's classes are taken in
-increasing id order from the most inferior level to the most superior one; this is the
-MRSpineSeg convention (1 S, 2 L5, …, 10 T9; 11 L5/S, …, 19 T9/T10). A disc's two
-neighbouring vertebrae are read from its short name (``"L4/L5"``: L4 above, L5 below);
-a neighbour the scheme does not have (T10 for ``T9/T10``) is simply not checked.
+Level order, a disc's two neighbouring vertebrae and the superior axis come from
+:mod:`cps4_engine.levels`, the same anatomy the 3D level step of prediction keeps; a
+neighbour the scheme does not have (T10 for ``T9/T10``) is simply not checked.
 """
 
 from __future__ import annotations
@@ -22,24 +20,11 @@ from scipy import ndimage
 
 from cps4_engine.errors import CPS4Error
 from cps4_engine.labels import LabelScheme
+from cps4_engine.levels import disc_neighbours, spine_levels, superior_height
 
 IssueKind = Literal["gap", "duplicate", "misordered", "disc_position"]
 
 _FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
-
-
-def spine_levels(scheme: LabelScheme) -> tuple[list[int], list[int]]:
-    """The scheme's vertebra ids and disc ids, each ordered from inferior to superior.
-
-    Args:
-        scheme: the label scheme.
-
-    Returns:
-        ``(vertebrae, discs)``: two lists of class ids.
-    """
-    vertebrae = sorted(info.id for info in scheme.classes if info.kind == "vertebra")
-    discs = sorted(info.id for info in scheme.classes if info.kind == "disc")
-    return vertebrae, discs
 
 
 def _check_label_values(labels: np.ndarray, scheme: LabelScheme) -> None:
@@ -52,10 +37,6 @@ def _check_label_values(labels: np.ndarray, scheme: LabelScheme) -> None:
 def _check_class(class_id: int, scheme: LabelScheme, role: str) -> None:
     if class_id not in {info.id for info in scheme.classes}:
         raise CPS4Error(f"{role} {class_id} is not a class of the {scheme.name} scheme")
-
-
-def _short(scheme: LabelScheme, class_id: int) -> str:
-    return scheme.by_id(class_id).short
 
 
 def shift_levels(labels: np.ndarray, offset: int, scheme: LabelScheme) -> np.ndarray:
@@ -206,11 +187,6 @@ class OrderReport:
         return "\n".join(f"- {issue.message}" for issue in self.issues)
 
 
-def _superior_height(affine: np.ndarray, voxel_centroid: np.ndarray) -> float:
-    """World z (mm) of a voxel position; NIfTI world space is RAS+, so z grows superior."""
-    return float(affine[2, :3] @ voxel_centroid + affine[2, 3])
-
-
 def check_order(
     labels: np.ndarray,
     affine: np.ndarray,
@@ -259,7 +235,7 @@ def check_order(
         sizes = np.bincount(components.ravel())[1:]
         largest = int(np.argmax(sizes)) + 1
         centroid = np.array(ndimage.center_of_mass(components == largest))
-        report.heights_mm[class_id] = _superior_height(affine, centroid)
+        report.heights_mm[class_id] = float(superior_height(affine, centroid))
         component_sizes[class_id] = sorted(sizes.tolist(), reverse=True)
 
     for levels, noun in ((vertebrae, "vertebra"), (discs, "disc")):
@@ -301,13 +277,10 @@ def check_order(
                     )
                 )
 
-    by_short = {info.short: info.id for info in scheme.classes if info.kind == "vertebra"}
-    for disc in discs:
+    for disc, (above, below) in disc_neighbours(scheme).items():
         if disc not in report.heights_mm:
             continue
-        above_name, _, below_name = _short(scheme, disc).partition("/")
         height = report.heights_mm[disc]
-        above, below = by_short.get(above_name), by_short.get(below_name)
         if above in report.heights_mm and height >= report.heights_mm[above]:
             report.issues.append(
                 OrderIssue(

@@ -26,14 +26,17 @@ def parse_class_ids(text: str) -> list[int]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="score predicted label volumes against ground truth (Dice, HD95)",
+        help="score predicted label volumes against ground truth (Dice, HD95, level accuracy)",
         description=(
             "Score predicted label volumes against ground-truth masks in 3D, per case and "
             "per class: Dice and HD95 (mm) by MONAI, averaged over the foreground classes "
             "present in the ground truth, then mean ± sd over cases. PRED and GT are two "
             "files or two folders; folders are matched by case name (Case3_labels.nii.gz "
             "matches mask_case3.nii.gz). A class missing from a prediction scores Dice 0 "
-            "and HD95 = the volume's diagonal."
+            "and HD95 = the volume's diagonal. Level naming beside Dice: the share of "
+            "ground-truth structures whose voxels predicted as foreground carry the right label "
+            "by majority, the cases with every level right, and the spine Dice (all foreground "
+            "as one class)."
         ),
     )
     parser.add_argument("pred", metavar="PRED", help="predicted label file or folder")
@@ -64,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             dice = "n/a" if not case.classes else f"{100 * case.mean_dice:.1f}"
             missed = f"  missed: {', '.join(names.get(c, str(c)) for c in case.missed)}" if case.missed else ""
-            print(f"{case.case_id}: Dice {dice} % over {len(case.classes)} classes{missed}", flush=True)
+            named = sum(case.level_named.values())
+            levels = f", levels named right {named}/{len(case.level_named)}" if case.level_named else ""
+            print(f"{case.case_id}: Dice {dice} % over {len(case.classes)} classes{levels}{missed}", flush=True)
 
     result = evaluate(args.pred, args.gt, class_ids, label_map, progress=report_case, device=device)
     if not args.quiet:

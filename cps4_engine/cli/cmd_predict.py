@@ -23,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default: 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--no-level-step", dest="level_step", action="store_false",
+        help="keep the network's per-slice labels: no 3D step giving each vertebra and disc one "
+             "label in anatomical order (NAME_levels.json records which ran)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -39,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.image.name} -> {result.labels} ({result.seconds:.1f} s)", flush=True)
 
     written = predict_files(
-        model, args.images, args.out, args.batch_size, args.probabilities, args.overwrite, progress=report
+        model, args.images, args.out, args.batch_size, args.probabilities, args.overwrite, progress=report,
+        level_step=args.level_step,
     )
     print(f"predicted {len(written)} image(s) into {args.out}")
     return 0

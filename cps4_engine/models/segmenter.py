@@ -27,18 +27,22 @@ def segmenter_config(preset: Any) -> dict[str, Any]:
             ``slice_size``).
 
     Returns:
-        A JSON-serialisable dict: ``network``, ``in_channels`` (1), ``out_channels``
-        (20), ``channels`` (feature maps per level), ``strides`` (2 between levels),
+        A JSON-serialisable dict: ``network``, ``in_channels`` (``1 + 2 k``),
+        ``context_slices`` (``k`` neighbours per side, 2.5D), ``keep_aspect`` (letterboxed
+        slices), ``out_channels`` (20), ``channels`` (feature maps per level), ``strides`` (2 between levels),
         ``num_res_units``, ``norm``, ``dropout`` and ``slice_size`` ``[H, W]`` in pixels.
     """
     channels = [int(c) for c in preset.seg_channels]
+    context = int(getattr(preset, "context_slices", 0))
     return {
         "network": SEGMENTER_NETWORK,
-        "in_channels": 1,
+        "in_channels": 1 + 2 * context,
+        "context_slices": context,
+        "keep_aspect": bool(getattr(preset, "keep_aspect", False)),
         "out_channels": NUM_CLASSES,
         "channels": channels,
         "strides": [2] * (len(channels) - 1),
-        "num_res_units": 2,
+        "num_res_units": int(getattr(preset, "seg_res_units", 2)),
         "norm": "instance",
         "dropout": 0.0,
         "slice_size": [int(s) for s in preset.slice_size],

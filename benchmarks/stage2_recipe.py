@@ -1,0 +1,130 @@
+"""Stage-2 recipe ablation and learning curve on the dev vb3 protocol (CPU).
+
+One run per ``--variant``: a supervised (or mean-teacher) stage-2 run on the first 14 vb3
+volumes (validation carved from them), scored on the last 6 with Dice, level accuracy and
+spine Dice, with and without the 3D level step. Variants switch one recipe choice off
+against the default recipe (``cps4_engine.presets.Recipe``), so each choice is kept or
+dropped by its own paired difference.
+
+Example (one job per core, one thread each)::
+
+    python benchmarks/stage2_recipe.py --out .bench/recipe --variant default --seed 0 \\
+        --labeled 13 --method supervised --threads 1
+
+Each run writes ``OUT/<variant>_<method>_l<labeled>_s<seed>/result.json``; ``--table``
+prints the Markdown table of every result under ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+
+def _variants() -> dict[str, dict]:
+    return {
+        "default": {},
+        "no-fov-shift": {"fov_shift": 0.05},
+        "no-context": {"context_slices": 0},
+        "squeezed": {"keep_aspect": False, "slice_size": (128, 64)},
+        "no-schedule": {"schedule": "constant"},
+    }
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+
+    from cps4_engine.bench import _score_test_volumes, find_realdata
+    from cps4_engine.data import open_dataset
+    from cps4_engine.stage2 import Stage2Config, train
+
+    torch.set_num_threads(args.threads)
+    realdata = find_realdata(None)
+    if realdata is None:
+        raise SystemExit("stage2_recipe.py: no real data (../shared/realdata or $CPS4_REALDATA)")
+    dataset = open_dataset(realdata / args.dataset)
+    cases = list(dataset.cases)
+    test = [
+        {"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)}
+        for c in cases[args.train_cases :]
+    ]
+    name = f"{args.variant}_{args.method}_l{args.labeled}_s{args.seed}"
+    out = Path(args.out) / name
+    overrides = _variants()[args.variant]
+    began = time.perf_counter()
+    train(Stage2Config(
+        data=realdata / args.dataset, out=out / "run", labeled=args.labeled, method=args.method,
+        preset=args.preset, max_steps=args.max_steps, train_cases=args.train_cases, seed=args.seed,
+        device="cpu", validation=args.validation, validation_every=args.validation_every, **overrides,
+    ))
+    seconds = time.perf_counter() - began
+    result = {"variant": args.variant, "method": args.method, "labeled": args.labeled, "seed": args.seed,
+              "dataset": args.dataset, "train_seconds": seconds, "threads": args.threads}
+    for levels in (True, False):
+        scored = _score_test_volumes(out / "run", test, "cpu", level_step=levels)
+        key = "with_level_step" if levels else "without_level_step"
+        result[key] = {k: scored[k] for k in ("dice", "level_accuracy", "cases_all_levels_right", "spine_dice")}
+        result[key]["cases"] = scored["cases"]
+    history = json.loads((out / "run" / "history.json").read_text())
+    result["curve"] = [(e["step"], e.get("dice"), e.get("teacher_dice")) for e in history["validation"]]
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(out: Path) -> str:
+    rows: dict[tuple, list] = {}
+    for path in sorted(out.glob("*/result.json")):
+        r = json.loads(path.read_text())
+        rows.setdefault((r["dataset"], r["variant"], r["method"], r["labeled"]), []).append(r)
+    lines = ["| dataset | variant | method | labeled | seeds | Dice | level acc. | all levels right | spine Dice | Dice w/o level step | level acc. w/o | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, variant, method, labeled), results in rows.items():
+        def stat(key: str, sub: str) -> str:
+            values = [r[sub][key] for r in results]
+            return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+        right = "+".join(str(r["with_level_step"]["cases_all_levels_right"]) for r in results)
+        seconds = np.mean([r["train_seconds"] for r in results])
+        lines.append(
+            f"| {dataset} | {variant} | {method} | {labeled} | {','.join(str(r['seed']) for r in results)} "
+            f"| {stat('dice', 'with_level_step')} | {stat('level_accuracy', 'with_level_step')} | {right} "
+            f"| {stat('spine_dice', 'with_level_step')} | {stat('dice', 'without_level_step')} "
+            f"| {stat('level_accuracy', 'without_level_step')} | {seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variant", choices=sorted(_variants()), default="default")
+    parser.add_argument("--method", default="supervised")
+    parser.add_argument("--labeled", type=int, default=13)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default="vb3_l1l5_t1")
+    parser.add_argument("--train-cases", type=int, default=14)
+    parser.add_argument("--validation", type=int, default=1)
+    parser.add_argument("--validation-every", type=int, default=None)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="print the table of the results under --out")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    result = run_one(args)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("curve",)} | {
+        "with_level_step": {k: v for k, v in result["with_level_step"].items() if k != "cases"},
+        "without_level_step": {k: v for k, v in result["without_level_step"].items() if k != "cases"},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The 3D level step on constructed volumes: mixed labels, missing levels, discs, orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cps4_engine.labels import mrspineseg_scheme
+from cps4_engine.levels import disc_neighbours, level_steps, make_levels_consistent, spine_levels
+
+SCHEME = mrspineseg_scheme()
+L1, L2, L3, L4, L5, S = 6, 5, 4, 3, 2, 1
+# Voxel axis 0 runs superior -> inferior (world z = -i), as in ../shared/realdata.
+INFERIOR_AXIS0 = np.array([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0, 0, 0, 1]])
+
+
+def _spine(levels=(L1, L2, L3, L4, L5), with_discs: bool = False) -> np.ndarray:
+    """Vertebral bodies 7 voxels tall every 10 voxels from the top; discs in the gaps."""
+    labels = np.zeros((70, 10, 8), dtype=np.uint8)
+    for index, class_id in enumerate(levels):
+        labels[5 + index * 10 : 12 + index * 10, 2:8, :] = class_id
+        if with_discs and index + 1 < len(levels):
+            labels[13 + index * 10 : 14 + index * 10, 2:8, :] = 10 + levels[index + 1]
+    return labels
+
+
+def test_scheme_anatomy_orders_levels_and_names_disc_neighbours() -> None:
+    vertebrae, discs = spine_levels(SCHEME)
+    assert vertebrae == list(range(1, 11)) and discs == list(range(11, 20))
+    assert disc_neighbours(SCHEME)[12] == (L4, L5)
+    assert disc_neighbours(SCHEME)[11] == (L5, S)
+
+
+def test_a_vertebra_with_mixed_labels_gets_one_label() -> None:
+    labels = _spine()
+    labels[25:32, 2:8, :3] = L4  # L3's body painted L4 in three of its eight sagittal slices
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, _spine())
+    assert report.changed_voxels == 7 * 6 * 3
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+
+
+def test_a_missing_level_is_kept_missing_not_renumbered() -> None:
+    labels = _spine()
+    labels[25:32] = 0  # L3 not segmented
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, labels)
+    assert report.changed_voxels == 0
+    assert level_steps([0.0, 10.0, 30.0, 40.0]) == [0, 1, 3, 4]
+
+
+def test_a_level_named_twice_is_renamed_counting_from_the_caudal_end() -> None:
+    labels = _spine()
+    labels[labels == L3] = L4  # L3 and L4 both called L4; L5 at the caudal end anchors the count
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, _spine())
+    assert report.anchor == "caudal"
+
+
+def test_without_the_caudal_end_the_count_most_voxels_agree_with_wins() -> None:
+    labels = _spine(levels=(L1, L2, L3, L4))  # no L5 or sacrum in view
+    labels[15:22][labels[15:22] == L2] = L3  # L2 called L3: a duplicate
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, _spine(levels=(L1, L2, L3, L4)))
+    assert report.anchor == "vote"
+
+
+def test_specks_become_background() -> None:
+    labels = _spine()
+    labels[0, 0, 0] = 9  # one voxel of "T10" far from the spine
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert fixed[0, 0, 0] == 0 and report.removed_voxels == 1
+
+
+def test_discs_take_the_level_between_their_vertebrae() -> None:
+    labels = _spine(with_discs=True)
+    truth = labels.copy()
+    labels[labels == 13] = 14  # the L3/L4 disc called L2/L3
+    fixed, _ = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, truth)
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_the_superior_axis_comes_from_the_affine_whatever_the_voxel_order(axes: tuple[int, int, int]) -> None:
+    labels = _spine()
+    labels[25:32, 2:8, :3] = L4
+    moved = np.transpose(labels, axes)
+    affine = np.eye(4)
+    affine[:3, :3] = INFERIOR_AXIS0[:3, :3][:, list(axes)]
+    fixed, _ = make_levels_consistent(moved, affine, SCHEME)
+    np.testing.assert_array_equal(fixed, np.transpose(_spine(), axes))
