@@ -73,9 +73,14 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     """Read a safetensors weights file into a ``state_dict`` on ``device``.
 
     Raises:
-        CPS4Error: the file is missing or not a safetensors file.
+        CPS4Error: the file is missing or not a safetensors file, or a weight is NaN or
+            infinite (it would turn every prediction and confidence map into NaN).
     """
     tensors, _ = _read_safetensors(Path(path))
+    broken = [name for name, tensor in tensors.items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise CPS4Error(f"weights hold NaN or infinite values ({len(broken)} tensors, e.g. {broken[0]})", path=path)
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 

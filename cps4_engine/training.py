@@ -320,4 +320,4 @@ class TrainingLoop:
                 checkpoint(step)
             metrics = {"dice": best_score} if math.isfinite(best_score) else {}
             yield TrainEvent("end", step=step, max_steps=settings.max_steps, metrics=metrics, path=str(out),
-                             message=f"{settings.stage} run written to {out}")
+                             message=f"{settings.stage} done: run written to {out}")

@@ -59,7 +59,6 @@ from cps4_engine.io import read_volume
 from cps4_engine.labels import LabelScheme
 from cps4_engine.options import DEFAULT_PRESET, DEFAULT_ROUND_METHOD, METHODS, PRESETS, default_steps, device_choices
 from napari_cps4._common import reports_errors
-from napari_cps4._view import prepare_viewer, show_sagittal
 from napari_cps4._layers import (
     AFFINE_KEY,
     IMAGE_KEY,
@@ -67,6 +66,7 @@ from napari_cps4._layers import (
     labels_layer_data,
     scheme_of,
 )
+from napari_cps4._view import prepare_viewer
 
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
 REVIEW_TO_WORKSPACE = {"accepted": "accepted", "needs edit": "corrected", "rejected": "rejected"}
@@ -303,8 +303,7 @@ class RefinementPanel(QWidget):
         for name in (case_id, f"{case_id} labels"):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
-        image_layer = self.viewer.add_image(data, **attributes)
-        show_sagittal(self.viewer, image_layer)
+        image_layer = self.viewer.add_image(data, **attributes)  # opens sagittal (prepare_viewer)
         data, attributes, _ = labels_layer_data(
             labels, image.affine, workspace.version_path(case_id), f"{case_id} labels", workspace.scheme
         )

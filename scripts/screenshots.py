@@ -1,15 +1,15 @@
 """Screenshots of each napari-cps4 widget in use, for the README and docs/walkthrough.md.
 
-Run under a virtual X server from the project root::
+Run under a virtual X server with a laptop-sized screen from the project root::
 
-    xvfb-run -a .venv/bin/python scripts/screenshots.py --out docs/images
+    xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python scripts/screenshots.py --out docs/images
 
 It writes a small synthetic dataset and trains stage 1 and stage 2 briefly (tiny preset,
 CPU) through the Training widget itself, then opens the sample volume and captures:
 ``data_widget.png`` (labeling from scratch), ``training_widget.png`` (live curves after a
 run), ``review_widget.png`` (the per-class review of the prediction) and
-``inspector_widget.png`` (a class prompt's heat map). Each PNG is downscaled and saved
-with a 256-colour palette to stay well under 300 KB.
+``inspector_widget.png`` (a class prompt's heat map), each of the whole 1366 x 768 window,
+saved with a 256-colour palette to stay well under 300 KB.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage2-steps", type=int, default=300)
-    parser.add_argument("--max-width", type=int, default=1200)
+    parser.add_argument("--max-width", type=int, default=1366)
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="cps4-screens-"))
     data = work / "data"
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         (labeling / "Mask" / f"mask_case{number}.nii.gz").unlink()
 
     viewer = napari.Viewer(title="napari-cps4")
-    viewer.window.resize(1500, 900)
+    viewer.window.resize(1366, 768)  # a laptop screen: the docks must fit it
     docks = {}
     widgets = {}
     for name in WIDGETS:

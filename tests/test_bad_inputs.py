@@ -386,6 +386,16 @@ def _safetensors_with(metadata: dict) -> bytes:
     return save({"x": torch.zeros(1)}, metadata=metadata)
 
 
+def _nan_weights(run: Path, config: dict) -> None:
+    from cps4_engine.checkpoint import save_weights
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "model.safetensors")
+    first = next(name for name, tensor in weights.items() if tensor.is_floating_point())
+    weights[first].view(-1)[0] = float("nan")
+    save_weights(run / "model.safetensors", weights)
+
+
 CONFIG = lambda d: str(d / "run" / "config.json")  # noqa: E731
 RUN = lambda d: str(d / "run")  # noqa: E731
 RUN_CASES = [
@@ -446,6 +456,8 @@ RUN_CASES = [
          "weights file not found", lambda d: str(d / "run" / "model.safetensors")),
     Case("run-weights-pickle", _edited_run(_write("model.safetensors", b"\x80\x04\x95" + b"\x00" * 40)),
          "not a readable safetensors", lambda d: str(d / "run" / "model.safetensors")),
+    Case("run-weights-nan", _edited_run(_nan_weights), "weights hold NaN or infinite values",
+         lambda d: str(d / "run" / "model.safetensors")),
     Case("run-folder-missing", lambda d: ["predict", str(d / "nope"), str(d / "x.nii.gz"), "--out", str(d / "o")],
          "run folder not found", lambda d: str(d / "nope")),
 ]

@@ -29,7 +29,7 @@ def test_train_writes_a_stage2_run(dataset: Path, tmp_path: Path, capsys: pytest
     config = json.loads((out / "config.json").read_text())
     assert config["stage"] == 2 and config["method"] == "mean-teacher" and config["max_steps"] == 3
     assert (out / "model.safetensors").is_file()
-    assert "stage-2 run written to" in capsys.readouterr().out
+    assert "stage 2 done: run written to" in capsys.readouterr().out
 
 
 def test_labeled_fraction_is_accepted(dataset: Path, tmp_path: Path) -> None:

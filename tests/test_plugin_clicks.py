@@ -11,7 +11,6 @@ relabel, check order, save → the prompt inspector's heat map.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -86,7 +86,7 @@ import numpy as np
 from cps4_engine.active.queue import CaseUncertainty
 from cps4_engine.errors import CPS4Error
 from cps4_engine.geometry import Grid, check_same_grid
-from cps4_engine.io import atomic_write, nifti_bytes, read_header, read_volume, write_text_atomic, write_volume
+from cps4_engine.io import atomic_write, nifti_bytes, read_volume, write_text_atomic, write_volume
 from cps4_engine.labels import LabelScheme
 
 SCHEMA_VERSION = 2
