@@ -15,8 +15,8 @@ labels layer over it with the scheme's colours; choose the class to paint by nam
 class list (it sets napari's brush label), paint with napari's tools, tick *Mask
 complete* when every unpainted voxel really is background, and *Add to labeled set*
 saves the mask in the image's geometry, atomically, with the partial-mask sidecar
-listing the painted classes; an existing mask is kept as
-``previous_versions/<name>.prev-<n>.nii.gz``.
+listing the painted classes; every version is kept in ``previous_versions/<name>/``
+(:func:`cps4_engine.active.workspace.save_mask_version`).
 
 Where the mask goes: a case of an open workspace gets a new human label version; an image
 that belongs to the open dataset gets its mask where that layout keeps masks
@@ -53,7 +53,7 @@ from qtpy.QtWidgets import (
 )
 
 from cps4_engine.active.workspace import MANIFEST as WORKSPACE_MANIFEST
-from cps4_engine.active.workspace import Workspace
+from cps4_engine.active.workspace import Workspace, save_mask_version
 from cps4_engine.data import Case, Dataset, open_dataset
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
@@ -68,7 +68,6 @@ from napari_cps4._layers import (
     scheme_of,
 )
 from napari_cps4._reader import read_layer
-from napari_cps4._storage import save_mask
 from napari_cps4._view import prepare_viewer, show_sagittal
 
 CASE_COLUMNS = ("Case", "Status", "Painted classes", "Image")
@@ -274,7 +273,7 @@ class DataWidget(QWidget):
                 raise CPS4Error("choose the image these labels belong to", path=f"layer {labels_layer.name!r}")
             image_path, mask_path = self._new_case_paths()
             write_volume(image_path, np.asarray(image_layer.data), layer_affine(image_layer))
-        save_mask(mask_path, array, affine, None if complete else painted)
+        save_mask_version(mask_path, array, affine, None if complete else painted, image=image_path)
         labels_layer.metadata[SOURCE_KEY] = str(mask_path)
         labels_layer.metadata[IMAGE_KEY] = str(image_path)
         names = scheme_of(labels_layer).names()

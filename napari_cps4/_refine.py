@@ -12,9 +12,8 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
   selected labels layer): shift every level up or down, swap two classes, give the
   structure at a voxel (the cursor, or typed coordinates) another class, and check the
   vertebra/disc order. Everything goes through :mod:`cps4_engine.active.correction`.
-- **Save to workspace** stores the layer as a new human label version (review statuses
-  from the review widget: accepted → accepted, needs edit → corrected, rejected →
-  rejected).
+- **Save to workspace** stores the layer as a new human label version with the review
+  widget's statuses (one vocabulary: the workspace's ``CLASS_STATUSES``).
 - **Retrain** runs a refinement round (:mod:`cps4_engine.active.rounds`) off the GUI
   thread (saving is off meanwhile, since the round writes the workspace); the plot shows
   each round's Dice on the held-out cases. Methods, presets and devices (those this
@@ -53,7 +52,7 @@ from qtpy.QtWidgets import (
 
 from cps4_engine.active import correction
 from cps4_engine.active.queue import QueueEntry, review_queue
-from cps4_engine.active.workspace import Workspace
+from cps4_engine.active.workspace import Workspace, class_status
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume
 from cps4_engine.labels import LabelScheme
@@ -69,8 +68,6 @@ from napari_cps4._layers import (
 from napari_cps4._view import prepare_viewer
 
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
-REVIEW_TO_WORKSPACE = {"accepted": "accepted", "needs edit": "corrected", "rejected": "rejected"}
-WORKSPACE_TO_REVIEW = {workspace: review for review, workspace in REVIEW_TO_WORKSPACE.items()}
 
 
 class RoundPlot(FigureCanvasQTAgg):
@@ -313,8 +310,7 @@ class RefinementPanel(QWidget):
         if self.review_widget is not None:
             self.review_widget.review(labels_layer, image_layer)
             for class_id, status in workspace.class_statuses(case_id).items():
-                if status.status in WORKSPACE_TO_REVIEW:
-                    self.review_widget.statuses[class_id] = WORKSPACE_TO_REVIEW[status.status]
+                self.review_widget.statuses[class_id] = status.status
             self.review_widget.refresh_class_table()
         self.viewer.layers.selection.active = labels_layer
         return labels_layer
@@ -328,9 +324,9 @@ class RefinementPanel(QWidget):
         statuses = {}
         if self.review_widget is not None:
             statuses = {
-                class_id: REVIEW_TO_WORKSPACE[status]
+                class_id: class_status(status)
                 for class_id, status in self.review_widget.statuses.items()
-                if status in REVIEW_TO_WORKSPACE and (np.asarray(layer.data) == class_id).any()
+                if class_status(status) != "machine" and (np.asarray(layer.data) == class_id).any()
             }
         version = workspace.save_human_labels(self.current_case, np.asarray(layer.data), statuses)
         show_info(f"CPS4: saved {self.current_case} as label version {version}")

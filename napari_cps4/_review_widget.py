@@ -4,8 +4,9 @@
 shows the pseudo-label as one labels layer; *Review layer* takes any labels layer
 instead. The class table lists each class present: colour, name, prompt, voxel count,
 mean confidence (from the prediction's probabilities; blank for a layer without one) and
-review status (``pending``, ``accepted``, ``needs edit``, ``rejected``), and the class
-prompt.
+review status, and the class prompt. Statuses are the workspace's vocabulary
+(:data:`cps4_engine.active.workspace.CLASS_STATUSES`: ``machine``, ``accepted``,
+``corrected``, ``rejected``), shown as *pending*, *accepted*, *needs edit*, *rejected*.
 
 *Class layers* adds, on demand, one labels layer per class, named by the class first
 (``L3 · <layer>``) so the layer list shows which is which (views for inspection;
@@ -14,8 +15,8 @@ the table's *Show* box toggles a class layer, the opacity slider sets the select
 class's layer opacity, *Solo* shows only the selected class.
 
 *Save* writes the reviewed mask (by default where the image's dataset layout keeps its
-mask, :func:`cps4_engine.layouts.mask_path_for_image`) atomically, keeping the previous file as
-``previous_versions/<name>.prev-<n>.nii.gz``: accepted and needs-edit (corrected) classes are kept,
+mask, :func:`cps4_engine.layouts.mask_path_for_image`) atomically, every version kept
+(:func:`cps4_engine.active.workspace.save_mask_version`): accepted and needs-edit (corrected) classes are kept,
 rejected and still-pending classes are erased, and the partial-mask sidecar lists the
 kept classes — so the case joins the labeled set of the next training round as reviewed.
 
@@ -61,6 +62,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from cps4_engine.active.workspace import HUMAN_STATUSES, STATUS_LABELS, class_status, save_mask_version
 from cps4_engine.errors import CPS4Error
 from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
@@ -68,12 +70,9 @@ from cps4_engine.layouts import mask_path_for_image
 from napari_cps4._common import LayerCombo, color_icon, reports_errors, scroll_area
 from napari_cps4._layers import IMAGE_KEY, SOURCE_KEY, labels_layer_data, layer_affine, scheme_of
 from napari_cps4._refine import RefinementPanel
-from napari_cps4._storage import save_mask
 from napari_cps4._view import prepare_viewer
 from napari_cps4._workers import predict
 
-STATUSES = ("pending", "accepted", "needs edit", "rejected")
-KEPT_STATUSES = ("accepted", "needs edit")
 COLUMNS = ("Show", "Class", "Status", "Voxels", "Mean confidence", "Prompt")
 STATUS_COLUMN, CONFIDENCE_COLUMN = COLUMNS.index("Status"), COLUMNS.index("Mean confidence")
 SHORTCUTS = {
@@ -133,7 +132,7 @@ class ReviewWidget(QWidget):
         self.accept_button = QPushButton("Accept")
         self.accept_button.clicked.connect(reports_errors(lambda: self._set_selected_status("accepted")))
         self.edit_button = QPushButton("Needs edit")
-        self.edit_button.clicked.connect(reports_errors(lambda: self._set_selected_status("needs edit")))
+        self.edit_button.clicked.connect(reports_errors(lambda: self._set_selected_status("corrected")))
         self.reject_button = QPushButton("Reject")
         self.reject_button.clicked.connect(reports_errors(lambda: self._set_selected_status("rejected")))
         self.jump_button = QPushButton("Jump to")
@@ -190,7 +189,7 @@ class ReviewWidget(QWidget):
         self.shortcuts: dict[str, QShortcut] = {}
         actions = {
             "accept": lambda: self._set_selected_status("accepted"),
-            "needs edit": lambda: self._set_selected_status("needs edit"),
+            "needs edit": lambda: self._set_selected_status("corrected"),
             "reject": lambda: self._set_selected_status("rejected"),
             "next": lambda: self._step_class(1),
             "previous": lambda: self._step_class(-1),
@@ -248,7 +247,7 @@ class ReviewWidget(QWidget):
     def review(
         self, labels_layer: Labels, image_layer: Image | None = None, prediction: Prediction | None = None
     ) -> None:
-        """Start reviewing ``labels_layer``: every class present becomes ``pending``."""
+        """Start reviewing ``labels_layer``: every class present starts ``machine`` (pending)."""
         self._remove_class_layers()
         self.labels_layer = labels_layer
         self.image_layer = image_layer or self.image_combo.layer()
@@ -273,13 +272,13 @@ class ReviewWidget(QWidget):
         data = np.asarray(layer.data)
         ids, counts = np.unique(data, return_counts=True)
         present = {int(i): int(n) for i, n in zip(ids, counts) if i != 0}
-        self.class_ids = sorted(set(present) | {c for c, s in self.statuses.items() if s != "pending"})
+        self.class_ids = sorted(set(present) | {c for c, s in self.statuses.items() if s != "machine"})
         scheme = scheme_of(layer)
         names, prompts, colors = scheme.names(), scheme.prompts(), scheme.napari_colors()
         confidence = self._mean_confidence(data)
         self.class_table.setRowCount(len(self.class_ids))
         for row, class_id in enumerate(self.class_ids):
-            self.statuses.setdefault(class_id, "pending")
+            self.statuses.setdefault(class_id, "machine")
             show_item = QTableWidgetItem()
             show_item.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
             class_layer = self.class_layers.get(class_id)
@@ -289,7 +288,7 @@ class ReviewWidget(QWidget):
             name_item.setToolTip(prompts.get(class_id, ""))
             mean = confidence.get(class_id)
             values = (
-                self.statuses[class_id],
+                STATUS_LABELS[self.statuses[class_id]],
                 str(present.get(class_id, 0)),
                 f"{mean:.3f}" if mean is not None else "",
                 prompts.get(class_id, ""),
@@ -301,10 +300,12 @@ class ReviewWidget(QWidget):
         self.class_table.blockSignals(False)
 
     def set_status(self, class_id: int, status: str) -> None:
-        """Set a class's review status (one of :data:`STATUSES`)."""
-        if status not in STATUSES:
-            raise CPS4Error(f"unknown review status {status!r}; choose one of {', '.join(STATUSES)}")
-        self.statuses[class_id] = status
+        """Set a class's review status: one of ``CLASS_STATUSES`` or its label ("needs edit").
+
+        Raises:
+            CPS4Error: not a review status.
+        """
+        self.statuses[class_id] = class_status(status)
         self.refresh_class_table()
 
     def jump_to_class(self, class_id: int) -> None:
@@ -361,7 +362,7 @@ class ReviewWidget(QWidget):
         """Write the reviewed mask (accepted + needs-edit classes) and mark the case reviewed.
 
         Returns:
-            The written mask file; the file it replaced is kept in ``previous_versions/``.
+            The written mask file; every version is kept in ``previous_versions/<name>/``.
 
         Raises:
             CPS4Error: nothing reviewed to keep, or no target file.
@@ -370,13 +371,15 @@ class ReviewWidget(QWidget):
         target_text = str(path) if path is not None else self.save_edit.text().strip()
         if not target_text:
             raise CPS4Error("choose the mask file to write")
-        kept = sorted(c for c, s in self.statuses.items() if s in KEPT_STATUSES)
+        kept = sorted(c for c, s in self.statuses.items() if s in HUMAN_STATUSES)
         if not kept:
             raise CPS4Error("no class is accepted or corrected yet; accept or edit classes before saving")
         data = np.asarray(layer.data)
         reviewed = np.where(np.isin(data, kept), data, 0)
-        complete = self.complete_check.isChecked() and all(s in KEPT_STATUSES for s in self.statuses.values())
-        target = save_mask(target_text, reviewed, layer_affine(layer), None if complete else kept)
+        complete = self.complete_check.isChecked() and all(s in HUMAN_STATUSES for s in self.statuses.values())
+        target = Path(target_text)
+        save_mask_version(target, reviewed, layer_affine(layer), None if complete else kept,
+                          image=layer.metadata.get(IMAGE_KEY))
         layer.metadata[SOURCE_KEY] = str(target)
         self.status_label.setText(f"saved {target.name}: {len(kept)} classes reviewed")
         show_info(f"CPS4: reviewed mask saved to {target}")

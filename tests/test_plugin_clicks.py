@@ -374,6 +374,15 @@ def test_opening_a_nifti_uses_the_plugin_reader_and_the_sagittal_view(make_napar
     assert rows_up == ("up" if sagittal_layout(affine).flip_rows else "down")
 
 
+def test_the_sample_opens_sagittal_with_no_dock_open(make_napari_viewer) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cps4", "spine")
+    image = viewer.layers["synthetic spine"]
+    layout = sagittal_layout(image.metadata[AFFINE_KEY])
+    assert viewer.dims.not_displayed == (layout.axes[0],)
+    assert viewer.dims.point[layout.axes[0]] == pytest.approx(image.data.shape[layout.axes[0]] // 2 * image.scale[layout.axes[0]])
+
+
 def test_a_users_own_reader_choice_is_kept(make_napari_viewer, tmp_path: Path) -> None:
     from napari.settings import get_settings
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cps4_engine.active.workspace import Workspace
+from cps4_engine.active.workspace import Workspace, mask_versions
 from cps4_engine.data import open_dataset
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, sagittal_layout, write_volume
@@ -144,8 +144,9 @@ def test_review_accept_reject_and_save_keeps_previous_version(viewer_with_sample
     widget.set_status(present[2], "needs edit")
     widget.save(target)
     assert set(np.unique(read_volume(target, kind="label").array)) == {0, accepted, present[2]}
-    previous = read_volume(tmp_path / "previous_versions" / "reviewed.prev-1.nii.gz", kind="label")
-    assert set(np.unique(previous.array)) == {0, accepted}
+    first, second = mask_versions(target)
+    assert set(np.unique(read_volume(first, kind="label").array)) == {0, accepted}
+    assert set(np.unique(read_volume(second, kind="label").array)) == {0, accepted, present[2]}
 
 
 def test_review_class_layers_toggle_and_solo(viewer_with_sample) -> None:
