@@ -13,6 +13,7 @@ image with a mask, case ids, run-folder edits, option values and OS errors.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -137,9 +138,14 @@ def _read_case(name: str, suffix: str) -> Case:
 # ----- truncations and damaged bytes ---------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _phantom() -> tuple[np.ndarray, np.ndarray]:
+    image, _, affine = generate_case(1)  # seconds: drawn once for all damage cases
+    return image, affine
+
+
 def _phantom_file(folder: Path, name: str = "scan.nii.gz") -> Path:
-    image, _, affine = generate_case(1)
-    return write_volume(folder / name, image, affine)
+    return write_volume(folder / name, *_phantom())
 
 
 def _truncated(fraction: float, suffix: str) -> Case:
