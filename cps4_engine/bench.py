@@ -71,6 +71,7 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "synthetic": Protocol("synthetic", train=40, test=20, labeled=(2, 4), synthetic_cases=60),
     "vb3_l1l5_t1": Protocol("vb3_l1l5_t1", train=14, test=6, labeled=(1, 2)),
+    "vb2_t11l5_t2": Protocol("vb2_t11l5_t2", train=4, test=2, labeled=(1,)),
 }
 
 
@@ -521,10 +522,16 @@ def summarize_results(results: dict[str, dict[str, Any]], settings: BenchSetting
                 runs = [results.get(Task("train", protocol.name, seed, count, method).key, {}) for seed in settings.seeds]
                 dice = _mean_sd([r.get("dice") for r in runs])
                 hd95 = _mean_sd([r.get("hd95") for r in runs])
+                levels = _mean_sd([r.get("level_accuracy") for r in runs])
+                spine = _mean_sd([r.get("spine_dice") for r in runs])
+                seconds = _mean_sd([r.get("train_seconds") for r in runs])
                 errors = [r["error"] for r in runs if "error" in r]
                 rows.append({"dataset": protocol.name, "labeled": count, "method": method,
                              "dice_mean": dice[0], "dice_sd": dice[1], "hd95_mean": hd95[0],
-                             "hd95_sd": hd95[1], "runs": dice[2], "errors": errors})
+                             "hd95_sd": hd95[1], "level_accuracy_mean": levels[0], "level_accuracy_sd": levels[1],
+                             "spine_dice_mean": spine[0], "spine_dice_sd": spine[1],
+                             "all_levels_right": [r.get("cases_all_levels_right") for r in runs if "dice" in r],
+                             "train_seconds": seconds[0], "runs": dice[2], "errors": errors})
                 if method in SEMI_SUPERVISED:
                     sources = ("teacher", "prompt", "fused") if method == "cps4" else ("teacher",)
                     for source in sources:
@@ -563,14 +570,24 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Seeds {report['settings']['seeds']}; preset `{report['settings']['preset']}`, "
              f"stage-2 steps {report['settings']['max_steps']}, stage-1 steps {report['settings']['vlm_steps']}; "
              "Dice and HD95 (mm) per test case in its own geometry, mean over foreground classes "
-             "present; the table gives mean ± sd over seeds of the per-seed means over cases.", "",
-             "## Test volumes", "", "| dataset | labeled | method | Dice | HD95 (mm) | runs |",
-             "|---|---|---|---|---|---|"]
+             "present; level accuracy (share of structures named right by majority), the cases with "
+             "every level right per seed, and the spine Dice (all foreground as one); the table gives "
+             "mean ± sd over seeds of the per-seed means over cases, and the mean wall time of one "
+             "stage-2 run.", "",
+             "## Test volumes", "",
+             "| dataset | labeled | method | Dice | level accuracy | all levels right | spine Dice | HD95 (mm) "
+             "| train s | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]["table"]:
         note = f" (failed: {row['errors'][0]})" if row["errors"] else ""
+        right = "+".join(str(n) for n in row.get("all_levels_right", [])) or "—"
+        seconds = row.get("train_seconds", math.nan)
         lines.append(f"| {row['dataset']} | {row['labeled']} | {row['method']} | "
-                     f"{_format(row['dice_mean'], row['dice_sd'])} | {_format(row['hd95_mean'], row['hd95_sd'], 1)} | "
-                     f"{row['runs']}{note} |")
+                     f"{_format(row['dice_mean'], row['dice_sd'])} | "
+                     f"{_format(row.get('level_accuracy_mean', math.nan), row.get('level_accuracy_sd', math.nan))} | "
+                     f"{right} | {_format(row.get('spine_dice_mean', math.nan), row.get('spine_dice_sd', math.nan))} | "
+                     f"{_format(row['hd95_mean'], row['hd95_sd'], 1)} | "
+                     f"{seconds:.0f} | {row['runs']}{note} |")
     lines += ["", "## Pseudo-labels on the unlabeled training volumes (Dice against the hidden truth)", "",
               "| dataset | labeled | run | pseudo-label source | Dice | runs |", "|---|---|---|---|---|---|"]
     for row in report["summary"]["pseudo_labels"]:

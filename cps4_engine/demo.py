@@ -32,7 +32,7 @@ import torch
 
 from cps4_engine.device import resolve_device
 from cps4_engine.errors import CPS4Error
-from cps4_engine.evaluate import Evaluation, evaluate, format_table
+from cps4_engine.evaluate import Evaluation, evaluate, format_table, level_summary
 from cps4_engine.events import TrainEvent
 from cps4_engine.inference import load_segmenter, output_paths, predict_files
 from cps4_engine.io import read_volume, write_text_atomic
@@ -256,7 +256,8 @@ def run_demo(
     echo(f"report: {report}")
     echo(
         f"mean Dice over {evaluation.summary.n_cases} test volumes: "
-        f"{100 * evaluation.summary.mean_dice:.1f} ± {100 * evaluation.summary.sd_dice:.1f} %"
+        f"{100 * evaluation.summary.mean_dice:.1f} ± {100 * evaluation.summary.sd_dice:.1f} %; "
+        f"{level_summary(evaluation.summary)}"
     )
     return DemoResult(out, report, evaluation.summary.mean_dice, evaluation.summary.sd_dice, seconds)
 
@@ -308,7 +309,8 @@ def write_report(
 
     summary = evaluation.summary
     case_rows = "\n".join(
-        f"| {case.case_id} | {len(case.classes)} | {100 * case.mean_dice:.1f} | {case.mean_hd95:.2f} |"
+        f"| {case.case_id} | {len(case.classes)} | {100 * case.mean_dice:.1f} | "
+        f"{sum(case.level_named.values())}/{len(case.level_named)} | {case.mean_hd95:.2f} |"
         for case in evaluation.cases
     )
     timing = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
@@ -327,14 +329,16 @@ def write_report(
         f"HD95 {summary.mean_hd95:.2f} ± {summary.sd_hd95:.2f} mm). A class the prediction misses scores "
         "Dice 0 and HD95 = the volume diagonal.",
         "",
+        f"**Level naming:** {level_summary(summary)}.",
+        "",
         "## Dice and HD95 per class (test volumes)",
         "",
         format_table(evaluation, scheme.short_names(), markdown=True),
         "",
         "## Per case",
         "",
-        "| case | classes | Dice % | HD95 mm |",
-        "|---|---|---|---|",
+        "| case | classes | Dice % | levels named right | HD95 mm |",
+        "|---|---|---|---|---|",
         case_rows,
         "",
         "## Figures",

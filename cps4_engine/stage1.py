@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from cps4_engine import checkpoint, distributed
 from cps4_engine.checkpoint import read_run_config, write_run_config
@@ -375,22 +375,19 @@ class Stage1Trainer(StageTask):
 
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
         """Train, yielding events; see :func:`iter_pretrain`."""
-        context = distributed.setup(self.config.device)
-        try:
-            yield from self.loop.run(context, cancel or CancelToken())
-        finally:
-            distributed.teardown(context)
+        # One process: stage 1 has no torchrun path yet (stage 2 has).
+        context = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=self.device)
+        yield from self.loop.run(context, cancel or CancelToken())
 
     def setup(self, context: distributed.DistContext) -> None:
         config, device = self.config, context.device
         _seed_everything(config.seed)
         self.model = self.build_model().to(device)
-        self.trained = distributed.wrap_model(self.model, context)
         geometry = {"size": self.preset.slice_size, "keep_aspect": self.preset.keep_aspect}
         self.train_slices = load_slices(self.split.labeled, **geometry)
         self.validation = load_slices([case for case in self.split.validation if case.is_labeled], **geometry)
         self.optimizer = self._optimizer(self.model)
-        sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
+        sampler = torch.Generator().manual_seed(config.seed)
         self.generators = {"sampler": sampler}
         self.augmenter = None
         if config.augment:
@@ -401,9 +398,7 @@ class Stage1Trainer(StageTask):
         self.criterion = Stage1Loss(config.loss_weights(), self.preset.attention_stride)
         has_structure = (self.train_slices.labels.flatten(1) > 0).any(dim=1)
         weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
-        pool = distributed.rank_shard(len(self.train_slices), context)
-        self.batches = batches(Subset(self.train_slices, pool.tolist()), self.batch_size, sampler, weights[pool],
-                               collate_fn=_collate_slices)
+        self.batches = batches(self.train_slices, self.batch_size, sampler, weights, collate_fn=_collate_slices)
         self.context = context
 
     def write_new_run(self) -> None:
@@ -426,7 +421,7 @@ class Stage1Trainer(StageTask):
         device = self.context.device
         validity = batch_validity(labels, painted, len(self.prompts)).to(device)
         images, labels = images.to(device), labels.to(device)
-        output = self.trained(images)
+        output = self.model(images)
         losses = self.criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
         return losses["total"], {name: float(value.detach()) for name, value in losses.items()}
 

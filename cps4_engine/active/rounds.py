@@ -135,9 +135,11 @@ def heldout_metrics(
         batch_size: slices per forward pass.
 
     Returns:
-        ``{"mean_dice", "sd_dice", "cases": {case: dice}, "per_class": {id: dice}}``
-        (Dice in [0, 1], mean over the classes present in each reference, then over
-        cases), or ``{}`` without held-out cases.
+        ``{"mean_dice", "sd_dice", "level_accuracy", "cases_all_levels_right",
+        "spine_dice", "cases": {case: dice}, "per_class": {id: dice}}`` (Dice in [0, 1],
+        mean over the classes present in each reference, then over cases; level accuracy
+        and spine Dice as :mod:`cps4_engine.metrics` defines them), or ``{}`` without
+        held-out cases.
     """
     from cps4_engine.inference import predict_volume
     from cps4_engine.io import read_volume
@@ -155,6 +157,9 @@ def heldout_metrics(
     return {
         "mean_dice": float(summary.mean_dice),
         "sd_dice": float(summary.sd_dice),
+        "level_accuracy": float(summary.level_accuracy),
+        "cases_all_levels_right": int(summary.cases_all_levels_right),
+        "spine_dice": float(summary.mean_spine_dice),
         "cases": {metrics.case_id: float(metrics.mean_dice) for metrics in scored},
         "per_class": {str(c): float(s.mean_dice) for c, s in summary.per_class.items()},
     }

@@ -87,6 +87,9 @@ def run_status(args: argparse.Namespace) -> int:
         metrics = record.get("metrics", {})
         dice = metrics.get("mean_dice")
         figure = f"held-out Dice {dice:.3f}" if isinstance(dice, (int, float)) else "no held-out metrics"
+        levels = metrics.get("level_accuracy")
+        if isinstance(levels, (int, float)):
+            figure += f", levels named right {100 * levels:.0f} %"
         print(
             f"round {record['round']}: trained on {len(record.get('trained_on', []))} labeled cases, "
             f"{figure} ({record.get('run', '')})"

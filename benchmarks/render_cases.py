@@ -1,0 +1,57 @@
+"""Render the worst test volumes of a stage-2 run: image, truth, prediction without and with the level step.
+
+    python benchmarks/render_cases.py RUN --dataset vb3_l1l5_t1 --train-cases 14 --worst 2 --out DIR
+
+Writes DIR/<case>.png (the sagittal slice with the most ground truth) and prints each case's
+Dice and level naming, so a missed target is read off the failure cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from cps4_engine.bench import find_realdata
+    from cps4_engine.data import open_dataset
+    from cps4_engine.inference import load_segmenter, predict_volume
+    from cps4_engine.io import read_volume
+    from cps4_engine.labels import mrspineseg_scheme
+    from cps4_engine.metrics import case_metrics
+    from cps4_engine.report import save_overlay
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--dataset", default="vb3_l1l5_t1")
+    parser.add_argument("--train-cases", type=int, default=14)
+    parser.add_argument("--worst", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_segmenter(args.run, "cpu")
+    scored = []
+    for case in list(open_dataset(find_realdata(None) / args.dataset).cases)[args.train_cases :]:
+        image = read_volume(case.image_path)
+        truth = read_volume(case.label_path, kind="label")
+        raw = predict_volume(model, image, keep_probabilities=False, level_step=False).labels
+        stepped = predict_volume(model, image, keep_probabilities=False).labels
+        metrics = case_metrics(stepped, truth.array, truth.spacing, case_id=str(case.case_id))
+        scored.append((metrics.mean_dice, case, image, truth, raw, stepped, metrics))
+    scheme = mrspineseg_scheme()
+    for dice, case, image, truth, raw, stepped, metrics in sorted(scored, key=lambda item: item[0])[: args.worst]:
+        path = save_overlay(
+            args.out / f"{case.case_id}.png", image.array, image.affine,
+            {"ground truth": truth.array, "prediction": raw, "after the level step": stepped}, scheme,
+            title=f"case {case.case_id}: Dice {dice:.3f}, spine Dice {metrics.spine_dice:.3f}",
+        )
+        per_class = ", ".join(f"{scheme.by_id(c).short} {d:.2f}" for c, d in metrics.dice.items())
+        print(f"{case.case_id}: Dice {dice:.3f} ({per_class}); levels {metrics.level_named}; {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
