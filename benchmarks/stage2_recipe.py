@@ -45,21 +45,25 @@ def run_one(args: argparse.Namespace) -> dict:
     from cps4_engine.stage2 import Stage2Config, train
 
     torch.set_num_threads(args.threads)
-    realdata = find_realdata(None)
-    if realdata is None:
-        raise SystemExit("stage2_recipe.py: no real data (../shared/realdata or $CPS4_REALDATA)")
-    dataset = open_dataset(realdata / args.dataset)
+    if args.data is None:
+        realdata = find_realdata(None)
+        if realdata is None:
+            raise SystemExit("stage2_recipe.py: no real data (../shared/realdata or $CPS4_REALDATA)")
+        args.data = realdata / args.dataset
+    dataset = open_dataset(args.data)
     cases = list(dataset.cases)
     test = [
         {"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)}
         for c in cases[args.train_cases :]
     ]
-    name = f"{args.variant}_{args.method}_l{args.labeled}_s{args.seed}"
+    name = f"{args.dataset}_{args.variant}_{args.method}_l{args.labeled}_s{args.seed}"
+    if args.dataset == "vb3_l1l5_t1":
+        name = name.removeprefix("vb3_l1l5_t1_")
     out = Path(args.out) / name
     overrides = _variants()[args.variant]
     began = time.perf_counter()
     train(Stage2Config(
-        data=realdata / args.dataset, out=out / "run", labeled=args.labeled, method=args.method,
+        data=args.data, out=out / "run", labeled=args.labeled, method=args.method,
         preset=args.preset, max_steps=args.max_steps, train_cases=args.train_cases, seed=args.seed,
         device="cpu", validation=args.validation, validation_every=args.validation_every, **overrides,
     ))
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="supervised")
     parser.add_argument("--labeled", type=int, default=13)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dataset", default="vb3_l1l5_t1")
+    parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a set of the real data, or a name for --data")
+    parser.add_argument("--data", type=Path, default=None, help="a dataset folder instead of the real data")
     parser.add_argument("--train-cases", type=int, default=14)
     parser.add_argument("--validation", type=int, default=1)
     parser.add_argument("--validation-every", type=int, default=None)

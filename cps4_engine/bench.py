@@ -296,7 +296,7 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
     from cps4_engine.stage2 import compute_prompt_cache, predict_slices
 
     torch_device = resolve_device(device)
-    config = read_run_config(run, stage=2)
+    config = read_run_config(run, stage=2, scheme="mrspineseg")
     teacher = build_segmenter(config["segmenter"]).to(torch_device)
     teacher.load_state_dict(load_weights(run / "teacher.safetensors", torch_device))
     teacher.eval()

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 
 from cps4_engine.data import read_label_status
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import is_nifti_path, nifti_stem, read_volume
 from cps4_engine.labels import LabelMap
+from cps4_engine.geometry import check_same_grid
 from cps4_engine.metrics import CaseMetrics, Summary, case_metrics, summarize
 
 GT_SUBFOLDERS = ("Mask", "labelsTr", "labels")
@@ -199,18 +199,7 @@ def evaluate_pairs(
     for pair in pairs:
         gt_volume = read_volume(pair.gt_path, kind="label")
         pred_volume = read_volume(pair.pred_path, kind="label")
-        if pred_volume.shape != gt_volume.shape:
-            raise CPS4Error(
-                f"prediction shape {pred_volume.shape} differs from ground truth "
-                f"{pair.gt_path.name} shape {gt_volume.shape}",
-                path=pair.pred_path,
-            )
-        if not np.allclose(pred_volume.spacing, gt_volume.spacing, rtol=1e-3, atol=1e-4):
-            raise CPS4Error(
-                f"prediction voxel spacing {_mm(pred_volume.spacing)} differs from ground truth "
-                f"{pair.gt_path.name} spacing {_mm(gt_volume.spacing)}",
-                path=pair.pred_path,
-            )
+        check_same_grid(gt_volume, pred_volume, what="prediction", reference_what="ground truth")
         gt_array = gt_volume.array
         if gt_label_map is not None:
             gt_array = gt_label_map.apply(gt_array, path=pair.gt_path)
@@ -227,10 +216,6 @@ def evaluate_pairs(
             progress(result)
         results.append(result)
     return results
-
-
-def _mm(spacing: Sequence[float]) -> str:
-    return "×".join(f"{s:.3g}" for s in spacing) + " mm"
 
 
 def evaluate(

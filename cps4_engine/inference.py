@@ -107,7 +107,7 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "auto") -> 
     """
     run_dir = Path(run_dir)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    config = read_run_config(run_dir, stage=2)
+    config = read_run_config(run_dir, stage=2, scheme="mrspineseg")
     segmenter_config = config.get("segmenter")
     if not isinstance(segmenter_config, dict) or "slice_size" not in segmenter_config:
         raise CPS4Error("config.json has no 'segmenter' description with a slice_size", path=run_dir)

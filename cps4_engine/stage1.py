@@ -306,7 +306,8 @@ class Stage1Trainer(StageTask):
                 centre_prompts=bool(recorded.get("centre_prompts", False)),
                 freeze_text_encoder=bool(recorded.get("text_encoder", {}).get("frozen", False)),
             )
-        check_run_folder(self.out, config.resume)
+        check_run_folder(self.out, config.resume, stage=1,
+                         same_settings={"data": config.data, "preset": config.preset})
         self.split = self._split()
         self.loop = TrainingLoop(self, LoopSettings(
             out=self.out, stage="stage 1", max_steps=self.max_steps, validation_every=self.validation_every,

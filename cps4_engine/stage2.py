@@ -356,15 +356,17 @@ def _load_stacks(
 
     Images carry ``1 + 2 * context`` channels (:func:`~cps4_engine.preprocess.with_context`).
     """
+    from cps4_engine.data import load_case
     from cps4_engine.io import read_volume
 
     images, labels, partial, painted, stacks, case_ids = [], [], [], [], [], []
     for case in cases:
-        volume = read_volume(case.image_path, kind="image")
         label = None
         case_painted = getattr(case, "painted", None)
         if with_labels and case.label_path is not None:
-            label = read_volume(case.label_path, kind="label")
+            volume, label = load_case(case)  # the image-vs-mask grid and label-value checks
+        else:
+            volume = read_volume(case.image_path, kind="image")
         stack = prepare_volume(volume, size, label=label, painted=case_painted if label is not None else None,
                                keep_aspect=keep_aspect)
         count = stack.num_slices
@@ -555,7 +557,8 @@ class Stage2Trainer(StageTask):
         self.learning_rate = float(config.learning_rate or self.preset.stage2_learning_rate)
         self.validation_every = int(config.validation_every or max(1, self.max_steps // 10))
         self.out = Path(config.out)
-        check_run_folder(self.out, config.resume)
+        check_run_folder(self.out, config.resume, stage=2,
+                         same_settings={"method": config.method, "data": config.data, "preset": config.preset})
         if config.init_weights is not None and not Path(config.init_weights).is_file():
             raise CPS4Error("initial weights file not found", path=config.init_weights)
         self._vlm_loader = vlm_loader or _load_vlm

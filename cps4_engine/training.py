@@ -65,24 +65,43 @@ SPLIT_FILE = "split.json"
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume where there is nothing to resume.
+def check_run_folder(out: Path, resume: bool, stage: int | None = None,
+                     same_settings: dict[str, Any] | None = None) -> None:
+    """Refuse to overwrite a run, to resume where there is nothing to resume, or to resume
+    with other settings.
 
-    Under ``torchrun`` only rank 0 checks: it may already have started this very run when
+    A folder whose run was killed before its first checkpoint (``config.json`` but no
+    weights or training state) holds nothing to lose and is started afresh. Under
+    ``torchrun`` only rank 0 checks: it may already have started this very run when
     another rank gets here.
 
+    Args:
+        out: the run folder.
+        resume: the run is to be continued.
+        stage: 1 or 2: a resumed folder must be a run of this stage (None: not checked).
+        same_settings: settings a resumed run must have been started with, by the names
+            of ``config.json["settings"]`` (e.g. method, data, preset).
+
     Raises:
-        CPS4Error: ``out`` holds a run and ``resume`` is False, or ``resume`` is True and
-            ``out`` has no training state.
+        CPS4Error: ``out`` holds a run and ``resume`` is False; ``resume`` is True and
+            ``out`` has no training state, is not a run of ``stage`` or was started with
+            other ``same_settings``.
     """
     import os
 
+    from cps4_engine.checkpoint import check_resume_matches, read_run_config
+
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    if (out / "config.json").exists() and not resume:
+    checkpointed = (out / STATE_FILE).is_file() or (out / LAST_FILE).is_file()
+    if (out / "config.json").exists() and not resume and checkpointed:
         raise CPS4Error("already holds a run; pass --resume to continue it or choose another --out", path=out)
-    if resume and not (out / STATE_FILE).is_file():
-        raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=out)
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise CPS4Error(f"nothing to resume (no {STATE_FILE})", path=out)
+        if stage is not None:
+            recorded = read_run_config(out, stage=stage, scheme="mrspineseg")
+            check_resume_matches(recorded, same_settings or {}, out)
 
 
 def learning_rate_factor(step: int, max_steps: int, schedule: str, warmup_fraction: float, floor: float) -> float:

@@ -63,7 +63,7 @@ def test_predict_writes_labels_in_each_images_geometry(tmp_path, capsys) -> None
     run = tmp_path / "run"
     torch.manual_seed(0)
     save_weights(run / "model.safetensors", build_segmenter(preset).state_dict())
-    write_run_config(run, {"stage": 2, "segmenter": segmenter_config(preset)})
+    write_run_config(run, {"stage": 2, "scheme": {"name": "mrspineseg"}, "segmenter": segmenter_config(preset)})
     image = tmp_path / "Case1.nii.gz"
     affine = np.array([[0, 0, -2.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
     write_volume(image, np.random.default_rng(0).random((20, 12, 7)).astype(np.float32), affine)

@@ -63,7 +63,7 @@ def stage2_run(tmp_path):
     network = build_segmenter(preset)
     run = tmp_path / "run"
     save_weights(run / "model.safetensors", network.state_dict())
-    write_run_config(run, {"stage": 2, "segmenter": segmenter_config(preset)})
+    write_run_config(run, {"stage": 2, "scheme": {"name": "mrspineseg"}, "segmenter": segmenter_config(preset)})
     return run
 
 

@@ -282,3 +282,10 @@ def test_vlm_must_be_a_stage1_run_of_our_scheme(
     vlm_run = write_stage1_run(tmp_path / "vlm", scheme=scheme, stage=stage)
     with pytest.raises(CPS4Error, match=message):
         Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=vlm_run))
+
+
+def test_resume_refuses_another_method(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(Stage2Trainer(_config(dataset, out, max_steps=2)))
+    with pytest.raises(CPS4Error, match="was started with method 'supervised', not 'mean-teacher'"):
+        Stage2Trainer(_config(dataset, out, max_steps=4, method="mean-teacher", resume=True))

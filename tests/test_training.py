@@ -50,10 +50,12 @@ def test_weighted_batches_never_draw_a_zero_weight_item() -> None:
 
 def test_run_folder_guards(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CPS4Error, match="already holds a run; pass --resume"):
-        check_run_folder(tmp_path, resume=False)
+    check_run_folder(tmp_path, resume=False)  # killed before its first checkpoint: start afresh
     with pytest.raises(CPS4Error, match="nothing to resume"):
         check_run_folder(tmp_path, resume=True)
+    (tmp_path / "last.safetensors").write_bytes(b"")
+    with pytest.raises(CPS4Error, match="already holds a run; pass --resume"):
+        check_run_folder(tmp_path, resume=False)
     check_run_folder(tmp_path / "fresh", resume=False)
 
 
