@@ -51,11 +51,8 @@ from cps4_engine.models.vlm import VLM
 from cps4_engine.preprocess import class_validity, prepare_volume
 from cps4_engine.presets import Preset, get_preset
 from cps4_engine.training import (
-    BEST_FILE,
     HISTORY_FILE,
-    LAST_FILE,
     SPLIT_FILE,
-    STATE_FILE,
     LoopSettings,
     StageTask,
     TrainingLoop,

@@ -64,18 +64,13 @@ from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
     SliceStack,
-    class_validity,
-    labels_for_ce,
     prepare_volume,
     with_context,
 )
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT, Preset, get_preset
 from cps4_engine.training import (
     BEST_FILE,
-    HISTORY_FILE,
-    LAST_FILE,
     SPLIT_FILE,
-    STATE_FILE,
     LoopSettings,
     StageTask,
     TrainingLoop,
