@@ -81,6 +81,27 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+def rescore(path: Path, threads: int) -> None:
+    """Score a finished run's test volumes again, with and without the level step."""
+    import torch
+
+    from cps4_engine.bench import _score_test_volumes, find_realdata
+    from cps4_engine.data import open_dataset
+
+    torch.set_num_threads(threads)
+    result = json.loads(path.read_text())
+    run = path.parent / "run"
+    settings = json.loads((run / "config.json").read_text())["settings"]
+    cases = list(open_dataset(settings["data"]).cases)[settings["train_cases"] :]
+    test = [{"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)} for c in cases]
+    for levels, key in ((True, "with_level_step"), (False, "without_level_step")):
+        scored = _score_test_volumes(run, test, "cpu", level_step=levels)
+        result[key] = {k: scored[k] for k in ("dice", "level_accuracy", "cases_all_levels_right", "spine_dice")}
+        result[key]["cases"] = scored["cases"]
+    path.write_text(json.dumps(result, indent=1))
+    print(path.parent.name, {k: round(v, 3) for k, v in result["with_level_step"].items() if k != "cases"})
+
+
 def table(out: Path) -> str:
     rows: dict[tuple, list] = {}
     for path in sorted(out.glob("*/result.json")):
@@ -119,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the table of the results under --out")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every finished run under --out again with the current code (e.g. after "
+                             "a change of the level step) and rewrite its result.json")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.out))
+        return 0
+    if args.rescore:
+        for path in sorted(args.out.glob("*/result.json")):
+            rescore(path, args.threads)
         return 0
     result = run_one(args)
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve",)} | {

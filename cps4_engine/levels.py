@@ -24,8 +24,11 @@ times the usual one (a vertebra not segmented there, :func:`level_steps`). Where
 caudal end is in view), the count starts from its own label; otherwise the start is the
 one that agrees with the most voxels' labels overall. Discs take the level between their
 neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
-Components smaller than ``min_fraction`` of the largest structure of their kind are specks
-(a few pixels of one slice) and become background.
+Specks (below 10 % of the largest structure of their kind) and then structures smaller
+than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
+background: a fragment below L5 would otherwise be counted as the lowest level and shift
+every name by one (seen on real vb3 predictions, where fragments were 13–17 % of the median
+body).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ _SAME_BODY_OVERLAP = 0.5
 # swallowed part of the next one) moves a centroid by less: 1.57 pitches were seen on a
 # real vb3 prediction with every level present.
 MISSING_LEVEL_GAP = 1.75
+# Structures below this share of the largest of their kind are specks, left out of the
+# median body size the fragment rule compares with.
+SPECK_FRACTION = 0.1
 CAUDAL_ANCHOR_SHORT_NAMES = ("S", "L5")
 CAUDAL_DISC_SHORT_NAMES = ("L5/S",)
 
@@ -195,7 +201,7 @@ class LevelReport:
     Attributes:
         structures: ``(kind, height_mm, voxels, before, after)`` per structure kept, from
             inferior to superior; ``before`` is its majority label.
-        removed_voxels: voxels of specks set to background.
+        removed_voxels: voxels of fragments set to background.
         changed_voxels: voxels whose label changed (specks included).
         anchor: how the vertebrae were counted: ``caudal`` (from the sacrum or L5 in
             view), ``vote`` (the count most voxels agree with) or ``none``.
@@ -275,7 +281,7 @@ def _name_discs(discs: Sequence[Structure], vertebrae: Sequence[Structure], sche
 
 
 def make_levels_consistent(
-    labels: np.ndarray, affine: np.ndarray, scheme: LabelScheme, min_fraction: float = 0.1
+    labels: np.ndarray, affine: np.ndarray, scheme: LabelScheme, min_fraction: float = 0.25
 ) -> tuple[np.ndarray, LevelReport]:
     """The 3D level step: one label per structure, levels in anatomical order.
 
@@ -283,8 +289,8 @@ def make_levels_consistent(
         labels: integer label volume ``(X, Y, Z)`` (a prediction in the image's grid).
         affine: its ``(4, 4)`` voxel-to-world matrix; the superior axis comes from it.
         scheme: the label scheme (vertebra and disc ids, disc names).
-        min_fraction: components smaller than this share of the largest structure of their
-            kind become background.
+        min_fraction: structures smaller than this share of the median structure of their
+            kind (specks below 10 % of the largest left out of the median) become background.
 
     Returns:
         ``(labels, report)``: a new volume of the input's shape and dtype, and a
@@ -297,8 +303,11 @@ def make_levels_consistent(
     for kind in ("vertebra", "disc"):
         structures = find_structures(labels, affine, scheme, kind)
         largest = max((s.size for s in structures), default=0)
-        kept[kind] = [s for s in structures if s.size >= min_fraction * largest]
-        for speck in (s for s in structures if s.size < min_fraction * largest):
+        bodies = [s for s in structures if s.size >= SPECK_FRACTION * largest]
+        typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
+        kept[kind] = [s for s in bodies if s.size >= min_fraction * typical]
+        kept_ids = {id(s) for s in kept[kind]}
+        for speck in (s for s in structures if id(s) not in kept_ids):
             flat[speck.index] = 0
             report.removed_voxels += speck.size
     vertebra_ids, disc_ids = spine_levels(scheme)

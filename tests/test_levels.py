@@ -89,3 +89,11 @@ def test_the_superior_axis_comes_from_the_affine_whatever_the_voxel_order(axes: 
     affine[:3, :3] = INFERIOR_AXIS0[:3, :3][:, list(axes)]
     fixed, _ = make_levels_consistent(moved, affine, SCHEME)
     np.testing.assert_array_equal(fixed, np.transpose(_spine(), axes))
+
+
+def test_a_fragment_below_l5_does_not_shift_the_count() -> None:
+    labels = _spine()
+    labels[65:67, 4:6, 2:4] = L5  # a few voxels of the sacrum painted L5, below the real L5
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, _spine())
+    assert report.removed_voxels == 2 * 2 * 2
