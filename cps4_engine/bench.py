@@ -39,6 +39,7 @@ import numpy as np
 
 from cps4_engine.checkpoint import write_json_atomically
 from cps4_engine.errors import CPS4Error
+from cps4_engine.layouts import image_extension, mrspineseg_case_paths
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
 SEMI_SUPERVISED = ("mean-teacher", "cps4")
@@ -194,8 +195,9 @@ def prepare_dataset(protocol: Protocol, settings: BenchSettings) -> PreparedData
     if train_dir.exists():
         shutil.rmtree(train_dir)
     for number, case in enumerate(cases[: protocol.train], start=1):
-        _link(case.image_path, train_dir / "MR" / f"Case{number}.nii.gz")
-        _link(case.label_path, train_dir / "Mask" / f"mask_case{number}.nii.gz")
+        image, mask = mrspineseg_case_paths(train_dir, number, image_extension(case.image_path))
+        _link(case.image_path, image)
+        _link(case.label_path, mask)
     test_cases = [
         {"case_id": str(case.case_id), "image": str(case.image_path), "label": str(case.label_path)}
         for case in cases[len(cases) - protocol.test :]

@@ -288,7 +288,9 @@ def _open_index(index_path: Path, subset: str | None) -> Dataset:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CPS4Error(f"not valid JSON ({error})", path=index_path) from None
-    if not isinstance(index, dict) or not all(isinstance(v, dict) and "cases" in v for v in index.values()):
+    if not isinstance(index, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("cases"), list) for v in index.values()
+    ):
         raise CPS4Error('index must map set names to {"cases": [...]}', path=index_path)
     if subset is not None and subset not in index:
         raise CPS4Error(f"no set {subset!r} in the index (sets: {', '.join(index)})", path=index_path)
@@ -298,12 +300,17 @@ def _open_index(index_path: Path, subset: str | None) -> Dataset:
     cases = []
     for name in sets:
         for entry in index[name]["cases"]:
+            if not isinstance(entry, dict):
+                raise CPS4Error(f"set {name!r}: every case entry must be an object with an 'image'", path=index_path)
             try:
                 image = root / entry["image"]
                 label = root / entry["label"] if entry.get("label") else None
                 case_id = str(entry.get("case", nifti_stem(image)))
-            except (KeyError, TypeError) as error:
+            except KeyError as error:
                 raise CPS4Error(f"set {name!r}: case entry without {error}", path=index_path) from None
+            except TypeError:
+                raise CPS4Error(f"set {name!r}: a case entry's 'image' or 'label' is not a file name",
+                                path=index_path) from None
             if not image.is_file():
                 raise CPS4Error(f"set {name!r} case {case_id!r}: image file not found", path=image)
             if label is not None and not label.is_file():

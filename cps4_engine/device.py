@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from cps4_engine.errors import CPS4Error
+from cps4_engine.options import DEVICES
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_CHOICES = DEVICES
 
 
 def available_devices() -> list[str]:

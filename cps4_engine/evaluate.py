@@ -35,11 +35,11 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.io import is_nifti_path, nifti_stem, read_volume
 from cps4_engine.labels import LabelMap
 from cps4_engine.geometry import check_same_grid
+from cps4_engine.layouts import MRSPINESEG_MASKS, NNUNET_FOLDERS, case_key, case_name
 from cps4_engine.metrics import CaseMetrics, Summary, case_metrics, summarize
 
-GT_SUBFOLDERS = ("Mask", "labelsTr", "labels")
-_KEY_PREFIX = re.compile(r"^(mask|labels?|seg)_", re.IGNORECASE)
-_KEY_SUFFIX = re.compile(r"(_(0000|img|image|labels?|mask|seg|pred))+$", re.IGNORECASE)
+# Where a dataset root keeps its masks: MRSpineSeg's, nnU-Net's, and a plain "labels" folder.
+GT_SUBFOLDERS = (MRSPINESEG_MASKS, *(labels for _, labels in NNUNET_FOLDERS), "labels")
 _LABEL_NAME = re.compile(r"(^(mask|labels?|seg)_)|(_(labels?|mask|seg)$)", re.IGNORECASE)
 
 
@@ -75,21 +75,6 @@ class Evaluation:
             "cases": [case.to_dict() for case in self.cases],
             "unmatched_gt": list(self.unmatched_gt),
         }
-
-
-def case_name(path: str | Path) -> str:
-    """A file's case name as shown in results: ``mask_Case3.nii.gz`` -> ``Case3``.
-
-    The stem without the label/image prefixes and suffixes of the module doc, case kept.
-    """
-    stem = nifti_stem(path)
-    short = _KEY_SUFFIX.sub("", _KEY_PREFIX.sub("", stem))
-    return short or stem
-
-
-def case_key(path: str | Path) -> str:
-    """The name a file is matched by (see the module doc): ``mask_case3.nii.gz`` -> ``case3``."""
-    return case_name(path).lower()
 
 
 def _nifti_files(folder: Path) -> list[Path]:

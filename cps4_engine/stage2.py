@@ -60,6 +60,7 @@ from cps4_engine.checkpoint import load_weights, read_run_config, write_run_conf
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import combine_with_teacher
+from cps4_engine.options import METHODS
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
@@ -79,7 +80,6 @@ from cps4_engine.training import (
     check_run_folder,
 )
 
-METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
 WARMUP_FRACTION = 0.05
 PSEUDO_LABEL_SOURCES: tuple[str, ...] = ("teacher", "prompt", "fused")
 SCHEME_NAME = "mrspineseg"

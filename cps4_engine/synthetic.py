@@ -35,6 +35,7 @@ from scipy.spatial import cKDTree
 
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import write_text_atomic, write_volume
+from cps4_engine.layouts import mrspineseg_case_paths
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synthetic.json"
@@ -434,8 +435,9 @@ def write_synthetic_dataset(out: str | Path, cases: int, seed: int) -> list[tupl
     written = []
     for number in range(1, cases + 1):
         image, label, affine = generate_case(case_seed(seed, number - 1))
-        image_path = write_volume(out / "MR" / f"Case{number}.nii.gz", image, affine)
-        mask_path = write_volume(out / "Mask" / f"mask_case{number}.nii.gz", label, affine)
+        image_target, mask_target = mrspineseg_case_paths(out, number)
+        image_path = write_volume(image_target, image, affine)
+        mask_path = write_volume(mask_target, label, affine)
         written.append((image_path, mask_path))
     manifest = {"generator": "cps4_engine.synthetic", "version": GENERATOR_VERSION, "seed": seed, "cases": cases}
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")

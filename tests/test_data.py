@@ -451,3 +451,20 @@ def test_the_command_line_offers_the_same_lists():
     assert (train.method, train.preset, train.device) == (options.DEFAULT_METHOD, options.DEFAULT_PRESET,
                                                           options.DEFAULT_DEVICE)
     assert train.validation == options.DEFAULT_VALIDATION
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ({"vb": {"cases": None}}, r'index must map set names to \{"cases": \[\.\.\.\]\}'),
+        ({"vb": {"cases": [3]}}, "every case entry must be an object"),
+        ({"vb": {"cases": [{"image": 7}]}}, "is not a file name"),
+    ],
+)
+def test_malformed_index_entries_are_one_line_errors(tmp_path, index, message) -> None:
+    from cps4_engine.data import open_dataset
+
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(CPS4Error, match=message):
+        open_dataset(path)

@@ -35,6 +35,7 @@ from cps4_engine.active.queue import case_uncertainty
 from cps4_engine.active.workspace import Workspace
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
+from cps4_engine.layouts import folder_case_paths, image_extension
 
 
 @dataclass
@@ -108,8 +109,8 @@ def write_dataset_view(workspace: Workspace, folder: str | Path) -> dict[str, st
         stem = f"case{index:04d}"
         stems[stem] = case_id
         image = workspace.image_path(case_id)
-        suffix = ".nii.gz" if image.name.endswith(".nii.gz") else ".nii"
-        _link_or_copy(image.resolve(), folder / f"{stem}{suffix}")
+        image_copy, mask_path = folder_case_paths(folder, stem, image_extension(image))
+        _link_or_copy(image.resolve(), image_copy)
         if case_id not in labeled:
             continue
         painted = labeled[case_id]
@@ -118,7 +119,7 @@ def write_dataset_view(workspace: Workspace, folder: str | Path) -> dict[str, st
         if painted is not None:
             labels = np.where(np.isin(labels, human), labels, 0).astype(labels.dtype)
         affine = nib.load(str(image)).affine
-        mask = write_volume(folder / f"{stem}_seg.nii.gz", labels, affine)
+        mask = write_volume(mask_path, labels, affine)
         if painted is not None:
             write_label_status(mask, painted=list(painted), complete=False)
     return stems

@@ -87,6 +87,7 @@ from cps4_engine.active.queue import CaseUncertainty
 from cps4_engine.errors import CPS4Error
 from cps4_engine.geometry import Grid, check_same_grid
 from cps4_engine.io import atomic_write, nifti_bytes, read_volume, write_text_atomic, write_volume
+from cps4_engine.layouts import image_extension, mrspineseg_case_paths
 from cps4_engine.labels import LabelScheme
 
 SCHEMA_VERSION = 2
@@ -977,9 +978,7 @@ class Workspace:
                        or (s.status == "machine" and not include_machine)]
             labels = np.where(np.isin(labels, dropped), 0, labels).astype(labels.dtype)
             source_image = self.image_path(case_id)
-            suffix = ".nii.gz" if source_image.name.endswith(".nii.gz") else ".nii"
-            image_out = out / "MR" / f"Case{number}{suffix}"
-            mask_out = out / "Mask" / f"mask_case{number}.nii.gz"
+            image_out, mask_out = mrspineseg_case_paths(out, number, image_extension(source_image))
             image_out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(image_out) as tmp:
                 shutil.copyfile(source_image, tmp)

@@ -6,7 +6,6 @@ Ctrl-C stops at the next step and saves the state that ``--resume`` continues.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from cps4_engine.cli._options import add_training_run_options
