@@ -330,7 +330,7 @@ ID_CASES = [
          r"held-out cases \['Case9'\] are not in the dataset", lambda d: str(d / "ws")),
     Case("ids-heldout-without-mask", lambda d: [*_with_unlabeled_case2(d), "--heldout", "Case2"],
          "held-out case 'Case2' has no mask", lambda d: str(d / "data" / "MR" / "Case2.nii.gz")),
-    Case("index-cases-not-a-list-of-entries", _index([42]), "case entry without", lambda d: str(d / "index.json")),
+    Case("index-cases-not-a-list-of-entries", _index([42]), "every case entry must be an object", lambda d: str(d / "index.json")),
     Case("index-image-missing", _index([{"image": "nope.nii.gz"}]), "image file not found",
          lambda d: str(d / "nope.nii.gz")),
 ]
