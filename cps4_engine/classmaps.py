@@ -57,6 +57,24 @@ class PromptHeatmap:
     tokens: list[str]
     token_attention: list[float]
 
+    def word_attention(self) -> list[tuple[str, float]]:
+        """The attention shares by whole word (:func:`word_attention`)."""
+        return word_attention(self.tokens, self.token_attention)
+
+
+def word_attention(tokens: list[str], shares: list[float]) -> list[tuple[str, float]]:
+    """Attention shares by whole word: WordPiece continuations (``##ra``) are joined to the
+    word before them and their shares summed (what the inspector and ``cps4
+    inspect-prompt`` show)."""
+    words: list[tuple[str, float]] = []
+    for token, share in zip(tokens, shares):
+        if token.startswith("##") and words:
+            word, total = words[-1]
+            words[-1] = (word + token[2:], total + share)
+        else:
+            words.append((token, share))
+    return words
+
 
 def load_vlm(run_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
     """Rebuild a stage-1 run's best model, in eval mode, on ``device``.

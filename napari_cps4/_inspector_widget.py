@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from cps4_engine.classmaps import load_vlm, prompt_heatmap, volume_class_maps
+from cps4_engine.classmaps import load_vlm, prompt_heatmap, volume_class_maps, word_attention
 from cps4_engine.device import resolve_device
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import Volume
@@ -196,7 +196,7 @@ class InspectorWidget(QWidget):
             attributes["scale"] = tuple(image_layer.scale)
             attributes["translate"] = tuple(image_layer.translate)
             self.viewer.add_labels(data, **attributes)
-        words = whole_words(inspection.tokens, inspection.token_attention)
+        words = word_attention(inspection.tokens, inspection.token_attention)
         self.token_table.setRowCount(len(words))
         for row, (token, share) in enumerate(words):
             self.token_table.setItem(row, 0, QTableWidgetItem(token))
@@ -219,15 +219,3 @@ class InspectorWidget(QWidget):
     def _finished(self) -> None:
         self.worker = None
         self.show_button.setEnabled(True)
-
-
-def whole_words(tokens: list[str], shares: list[float]) -> list[tuple[str, float]]:
-    """Join WordPiece continuations (``##ra``) to the word before them, summing their shares."""
-    words: list[tuple[str, float]] = []
-    for token, share in zip(tokens, shares):
-        if token.startswith("##") and words:
-            word, total = words[-1]
-            words[-1] = (word + token[2:], total + share)
-        else:
-            words.append((token, share))
-    return words

@@ -67,3 +67,11 @@ def test_wrong_run_folders_are_refused(trained, tmp_path) -> None:
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CPS4Error, match="model.safetensors: not a readable safetensors file"):
         load_vlm(broken)
+
+
+def test_word_pieces_are_joined_into_words_with_their_shares_summed() -> None:
+    from cps4_engine.classmaps import word_attention
+
+    words = word_attention(["[CLS]", "verteb", "##ra", "l", "##3", "[SEP]"], [0.1, 0.2, 0.3, 0.1, 0.2, 0.1])
+    assert [word for word, _ in words] == ["[CLS]", "vertebra", "l3", "[SEP]"]
+    assert [round(share, 6) for _, share in words] == [0.1, 0.5, 0.3, 0.1]

@@ -27,7 +27,7 @@ def test_pretrain_then_inspect_prompt_writes_a_heatmap_in_the_image_geometry(tmp
     heat_path = tmp_path / "heat.nii.gz"
     assert main(["inspect-prompt", str(run), str(image), "L4/L5 disc", "--out", str(heat_path), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "token attention shares" in printed and "l4" in printed
+    assert "attention shares by word" in printed and "l4" in printed
     source, heat = nib.load(image), nib.load(heat_path)
     assert heat.shape == source.shape and np.array_equal(heat.affine, source.affine)
     values = np.asarray(heat.dataobj)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     result = prompt_heatmap(vlm, volume, args.text)
     write_volume(args.out, result.heatmap.astype("float32"), volume.affine)
     print(f"wrote {args.out} (max {float(result.heatmap.max()):.3f})")
-    print("token attention shares:")
-    for token, share in zip(result.tokens, result.token_attention):
-        print(f"  {token:>16s}  {share:6.3f}")
+    print("attention shares by word:")
+    for word, share in result.word_attention():
+        print(f"  {word:>16s}  {share:6.3f}")
     return 0
