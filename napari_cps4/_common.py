@@ -11,13 +11,13 @@ from napari.utils.notifications import show_error
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
-from cps4_engine.errors import CPS4Error
+from cps4_engine.errors import CPS4Error, os_error_message
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def reports_errors(handler: Handler) -> Handler:
-    """Wrap a Qt slot so a :class:`CPS4Error` becomes a viewer notification.
+    """Wrap a Qt slot so a :class:`CPS4Error` or an ``OSError`` becomes a viewer notification.
 
     Qt signals hand their own arguments to a slot (``clicked`` its ``checked`` flag,
     ``cellClicked`` the row and column); the wrapper passes on only as many positional
@@ -35,6 +35,9 @@ def reports_errors(handler: Handler) -> Handler:
             return handler(*args[:accepted])
         except CPS4Error as error:
             show_error(str(error))
+            return None
+        except OSError as error:
+            show_error(os_error_message(error))
             return None
 
     return wrapper  # type: ignore[return-value]

@@ -461,3 +461,9 @@ def test_slots_get_only_the_arguments_they_take(monkeypatch) -> None:
     assert reports_errors(panel.refuse)(False) is None and shown == ["choose a workspace first"]
     with pytest.raises(ZeroDivisionError):
         reports_errors(lambda: 1 / 0)(False)  # bugs are not dressed up as user errors
+
+    def read_only() -> None:
+        raise PermissionError(13, "Permission denied", "/data/case01_seg.nii.gz")
+
+    assert reports_errors(read_only)(False) is None
+    assert shown[-1] == "/data/case01_seg.nii.gz: Permission denied"

@@ -18,7 +18,7 @@ import pkgutil
 import sys
 
 from cps4_engine import __version__
-from cps4_engine.errors import CPS4Error
+from cps4_engine.errors import CPS4Error, os_error_message
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except OSError as error:
-        # Read-only --out, an unreadable file, --out under a file, a full disk ...
-        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-        reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
-        print(f"cps4 {args.command}: error: {where + ': ' if where else ''}{reason}", file=sys.stderr)
+        print(f"cps4 {args.command}: error: {os_error_message(error)}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"cps4 {args.command}: error: out of memory; try a smaller --batch-size or preset", file=sys.stderr)
