@@ -127,3 +127,37 @@ def test_labels_for_ce():
     expected = np.where(LABELS == 0, IGNORE_INDEX, LABELS)
     np.testing.assert_array_equal(partial.numpy(), expected)
     assert IGNORE_INDEX == -100
+
+
+def test_fit_box_keeps_the_aspect_in_millimetres() -> None:
+    from cps4_engine.preprocess import fit_box
+
+    assert fit_box((224, 224), (1.0, 1.0), (112, 112)) == (0, 0, 112, 112)
+    assert fit_box((200, 100), (1.0, 1.0), (112, 112)) == (0, 28, 112, 56)
+    assert fit_box((100, 100), (2.0, 1.0), (112, 112)) == (0, 28, 112, 56)  # rows are 2 mm
+
+
+def test_letterboxed_labels_come_back_exactly() -> None:
+    from cps4_engine.io import Volume
+    from cps4_engine.preprocess import prepare_volume, restore_labels
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    labels = np.zeros((6, 40, 20), dtype=np.int64)
+    labels[:, 10:30, 5:15] = 3
+    volume = Volume(np.random.default_rng(0).random((6, 40, 20)).astype(np.float32), affine)
+    stack = prepare_volume(volume, (80, 80), label=labels, keep_aspect=True)
+    top, left, height, width = stack.box()
+    # RAS identity: rows run along z (20 mm), columns along y (40 mm), one scale for both
+    assert (top, left, height, width) == (20, 0, 40, 80)
+    assert (stack.images[:, :, :top] == 0).all() and (stack.images[:, :, top + height :] == 0).all()
+    np.testing.assert_array_equal(restore_labels(stack, stack.labels), labels.astype(np.uint8))
+
+
+def test_context_stacks_neighbours_and_repeats_the_edges() -> None:
+    from cps4_engine.preprocess import with_context
+
+    images = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((4, 1, 2, 2), np.float32)
+    stacked = with_context(images, 1)
+    assert stacked.shape == (4, 3, 2, 2)
+    assert stacked[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
+    assert with_context(images, 0) is images
