@@ -203,7 +203,7 @@ def measure_throughput(preset_name: str, device_name: str, steps: int, amp: bool
     use_amp = amp and device.type == "cuda"
     dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
-    criterion = Stage1Loss(Stage1Config(data="", out="").loss_weights(), preset.attention_stride)
+    criterion = Stage1Loss(Stage1Config(data="", out="").loss_weights())
     images = torch.rand(preset.batch_size, 1, *preset.slice_size, device=device)
     labels = torch.randint(0, 20, (preset.batch_size, *preset.slice_size), device=device)
     targets = one_hot_targets(labels, 20)

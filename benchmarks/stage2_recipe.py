@@ -34,6 +34,7 @@ def _variants() -> dict[str, dict]:
         "no-context": {"context_slices": 0},
         "squeezed": {"keep_aspect": False, "slice_size": (128, 64)},
         "no-schedule": {"schedule": "constant"},
+        "res128": {"slice_size": (128, 128)},
     }
 
 

@@ -180,8 +180,6 @@ _PRESET_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "patch_size": _int_in(0, 512),
     "unetr_feature_size": _int_in(0, 1024),
     "embed_dim": _int_in(1, 8192),
-    "attention_dim": _int_in(1, 8192),
-    "attention_stride": _int_in(1, 64),
     "text_max_length": _int_in(1, 4096),
     "seg_channels": _CHANNELS,
     "stage2_batch_size": _int_in(1, 4096),

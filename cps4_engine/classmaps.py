@@ -5,9 +5,9 @@
   ``(S, 19, H, W)`` maps of preprocessed slices (what stage 2 consumes).
 - :func:`volume_class_maps` gives, for a whole volume in its own voxel grid, each class's
   probability map and its binary map (probability above a threshold).
-- :func:`prompt_heatmap` shows what any free-text prompt responds to: the probability
-  that each voxel matches the prompt (the same head that makes the class maps), and how
-  the prompt's attention is shared between its tokens.
+- :func:`prompt_heatmap` shows what any free-text prompt responds to: its share of each
+  voxel's class attention (the same map the class maps are), and how much each of its
+  tokens accounts for the voxels that match it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.io import Volume
 from cps4_engine.models.image_encoder import build_image_encoder
 from cps4_engine.models.text import load_text_architecture
-from cps4_engine.models.vlm import VLM
+from cps4_engine.models.vlm import CLASS_MAPS, VLM
 from cps4_engine.preprocess import prepare_volume, restore_probabilities
 from cps4_engine.presets import Preset
 
@@ -91,6 +91,12 @@ def load_vlm(run_dir: str | Path, device: str | torch.device = "cpu") -> VLM:
         text_source = config["text_encoder"]["source"]
     except (KeyError, TypeError) as error:
         raise CPS4Error(f"stage-1 configuration lacks {error}", path=run_dir / "config.json") from None
+    if config.get("class_maps") != CLASS_MAPS:
+        raise CPS4Error(
+            "this stage-1 run was saved before the class maps were read from the class attention "
+            "(its maps came from a head the attention losses never trained); train stage 1 again",
+            path=run_dir / "config.json",
+        )
     text = load_text_architecture(run_dir / config["text_encoder"].get("folder", "text_encoder"), text_source, preset.embed_dim, preset.text_max_length)
     model = VLM(build_image_encoder(preset), text, prompts, preset, centre_prompts=bool(config.get("centre_prompts", False)))
     try:

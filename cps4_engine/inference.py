@@ -3,8 +3,9 @@
 A volume of any size and orientation is cut into sagittal slices in display orientation
 and resized to the network's slice size (:func:`cps4_engine.preprocess.prepare_volume`),
 segmented in batches without gradients (mixed precision on CUDA), and put back into the
-volume's own voxel grid: labels by nearest neighbour from the per-slice argmax,
-probabilities and confidence bilinearly (:mod:`cps4_engine.preprocess`). So every output
+volume's own voxel grid: the class probabilities are resized bilinearly and the labels
+are their argmax there, so outlines are not the model's pixel staircase
+(:func:`cps4_engine.preprocess.restore_soft_labels`). So every output
 has the input's shape and is written with the input's affine.
 
 The slices are fitted and stacked with their neighbours as the run was trained (its
@@ -43,7 +44,7 @@ from cps4_engine.io import (
 from cps4_engine.labels import mrspineseg_scheme
 from cps4_engine.levels import LevelReport, make_levels_consistent
 from cps4_engine.models.segmenter import build_segmenter
-from cps4_engine.preprocess import prepare_volume, restore_labels, restore_probabilities, with_context
+from cps4_engine.preprocess import prepare_volume, restore_probabilities, restore_soft_labels, with_context
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -196,12 +197,10 @@ def predict_volume(
     stack = prepare_volume(volume, loaded.slice_size, keep_aspect=loaded.keep_aspect)
     images = with_context(torch.from_numpy(stack.images), loaded.context_slices)
     probabilities = predict_slices(loaded, images, batch_size)
-    confidence_slices, label_slices = probabilities.max(dim=1)
-    labels = restore_labels(stack, label_slices)
+    labels, confidence = restore_soft_labels(stack, probabilities)
     levels = None
     if level_step:
         labels, levels = make_levels_consistent(labels, volume.affine, mrspineseg_scheme())
-    confidence = restore_probabilities(stack, confidence_slices[:, None])[0]
     restored = restore_probabilities(stack, probabilities) if keep_probabilities else None
     return Prediction(labels=labels, probabilities=restored, confidence=confidence, levels=levels)
 

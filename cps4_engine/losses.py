@@ -2,18 +2,20 @@
 an optional image-text contrastive term.
 
 Notation: B slices, P prompts (one per class, background first), ``(H, W)`` the slice
-size, ``(h, w)`` the attention resolution. Every loss takes ``targets`` (float one-hot
+size. The attention losses read the class attention (the softmax over prompts of the
+prompt-pixel logits, :class:`cps4_engine.models.vlm.VLMOutput`), which is also the class
+map stage 2 uses; the alignment reads the sigmoid of the same logits. Every loss takes ``targets`` (float one-hot
 masks ``(B, P, ., .)``, possibly fractional after pooling) and ``validity`` (bool, where
 each class's truth is known, :func:`cps4_engine.preprocess.class_validity`). Pixels whose
 truth is unknown for a class contribute neither loss nor gradient to that class: a
 partial mask never teaches that an unpainted vertebra is background.
 
 - **token-level attention loss**: for each class present in a slice and known everywhere
-  on it, ``share`` = the fraction of the class's token attention (summed over its tokens
-  and over the slice) that falls inside its mask; loss = mean over those classes of
+  on it, ``share`` = the fraction of the class's attention (summed over the slice) that
+  falls inside its mask; loss = mean over those classes of
   ``(1 - share) ** 2``.
 - **pixel-level attention loss**: binary cross-entropy between each class's attention map
-  (summed over its tokens, in [0, 1]) and its binary mask, averaged over known pixels.
+  (in [0, 1]) and its binary mask, averaged over known pixels.
 - **dense alignment** (our choice: per-class, not softmax, because the class maps used
   downstream are per-class sigmoids): binary cross-entropy of the prompt-pixel logits
   against each class's mask plus MONAI's soft Dice loss (batch-wise, so rare classes
@@ -47,10 +49,9 @@ def token_attention_loss(class_attention: torch.Tensor, targets: torch.Tensor, v
     """Mean over counted classes of ``(1 - share inside the mask) ** 2``.
 
     Args:
-        class_attention: float ``(B, P, h, w)``: each class's attention summed over its tokens.
-        targets: float ``(B, P, h, w)`` in [0, 1]: the class's mask (fraction of each pixel
-            inside it).
-        validity: bool ``(B, P, h, w)``: where the class's truth is known. A class counts
+        class_attention: float ``(B, P, H, W)``: each class's share of every pixel's attention.
+        targets: float ``(B, P, H, W)`` in [0, 1]: the class's mask.
+        validity: bool ``(B, P, H, W)``: where the class's truth is known. A class counts
             on a slice only if it is present there and known on every pixel.
 
     Returns:
@@ -69,9 +70,9 @@ def pixel_attention_loss(class_attention: torch.Tensor, targets: torch.Tensor, v
     """Binary cross-entropy of class attention maps against masks, over known pixels.
 
     Args:
-        class_attention: float ``(B, P, h, w)`` in [0, 1].
-        targets: float ``(B, P, h, w)`` in [0, 1].
-        validity: bool ``(B, P, h, w)``.
+        class_attention: float ``(B, P, H, W)`` in [0, 1].
+        targets: float ``(B, P, H, W)`` in [0, 1].
+        validity: bool ``(B, P, H, W)``.
 
     Returns:
         Scalar: the mean BCE over known (slice, class, pixel) triples; 0 if none is known.
@@ -130,24 +131,6 @@ def contrastive_loss(image_logits: torch.Tensor, targets: torch.Tensor, validity
     return bce[known].mean()
 
 
-def pool_targets(targets: torch.Tensor, validity: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and validity at the attention resolution.
-
-    Args:
-        targets: float ``(B, P, H, W)``.
-        validity: bool ``(B, P, H, W)``.
-        stride: pooling factor (1 returns the inputs).
-
-    Returns:
-        ``targets`` average-pooled (fraction of each pooled pixel inside the mask) and
-        ``validity`` true where every pooled pixel was known.
-    """
-    if stride == 1:
-        return targets, validity
-    pooled_validity = F.avg_pool2d(validity.float(), stride) >= 1.0
-    return F.avg_pool2d(targets, stride), pooled_validity
-
-
 @dataclass
 class Stage1LossWeights:
     """Weights of the stage-1 loss terms; a weight of 0 switches its term off.
@@ -170,13 +153,11 @@ class Stage1Loss(nn.Module):
 
     Args:
         weights: the weight of each term.
-        attention_stride: the model's attention stride (targets are pooled to match).
     """
 
-    def __init__(self, weights: Stage1LossWeights, attention_stride: int = 1) -> None:
+    def __init__(self, weights: Stage1LossWeights) -> None:
         super().__init__()
         self.weights = weights
-        self.attention_stride = int(attention_stride)
         self.dice = DiceLoss(include_background=True, sigmoid=False, batch=True, reduction="none")
 
     def forward(self, output: VLMOutput, targets: torch.Tensor, validity: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,14 +172,14 @@ class Stage1Loss(nn.Module):
             Scalars by name: ``alignment``, ``token``, ``pixel``, ``contrastive`` (only
             the terms with a nonzero weight) and ``total``.
         """
-        pooled_targets, pooled_validity = pool_targets(targets, validity, self.attention_stride)
         terms: dict[str, torch.Tensor] = {}
+        attention = output.class_attention if self.weights.token or self.weights.pixel else None
         if self.weights.alignment:
             terms["alignment"] = alignment_loss(output.logits, targets, validity, self.dice)
         if self.weights.token:
-            terms["token"] = token_attention_loss(output.class_attention, pooled_targets, pooled_validity)
+            terms["token"] = token_attention_loss(attention, targets, validity)
         if self.weights.pixel:
-            terms["pixel"] = pixel_attention_loss(output.class_attention, pooled_targets, pooled_validity)
+            terms["pixel"] = pixel_attention_loss(attention, targets, validity)
         if self.weights.contrastive:
             terms["contrastive"] = contrastive_loss(output.image_logits, targets, validity)
         total = sum(getattr(self.weights, name) * value for name, value in terms.items())

@@ -237,6 +237,51 @@ def restore_labels(stack: SliceStack, labels: np.ndarray | torch.Tensor) -> np.n
     return from_sagittal(planes.astype(np.uint8), stack.affine, stack.volume_shape)
 
 
+def restore_soft_labels(
+    stack: SliceStack, probabilities: np.ndarray | torch.Tensor, chunk: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and confidence in the source voxel grid, from resized probabilities.
+
+    Each slice's class probabilities are resized bilinearly to the source grid and the
+    argmax is taken there, so outlines follow the probabilities between model pixels
+    instead of the model's pixel staircase (:func:`restore_labels` upsamples the argmax
+    by nearest neighbour). Slices are processed ``chunk`` at a time, so memory stays at
+    ``4 * C * chunk * rows * cols`` bytes whatever the volume's size.
+
+    Args:
+        stack: the stack the predictions were made on.
+        probabilities: ``(S, C, H, W)`` class probabilities (summing to 1 over C).
+        chunk: slices resized at once.
+
+    Returns:
+        ``(labels, confidence)``: uint8 class ids and float32 winning probabilities,
+        both of the source volume's shape.
+    """
+    probabilities = torch.as_tensor(_as_numpy(probabilities), dtype=torch.float32)
+    if probabilities.ndim != 4 or probabilities.shape[0] != stack.num_slices or tuple(
+        probabilities.shape[2:]
+    ) != stack.size:
+        raise ValueError(
+            f"probabilities have shape {tuple(probabilities.shape)}, expected "
+            f"({stack.num_slices}, C, {stack.size[0]}, {stack.size[1]})"
+        )
+    top, left, height, width = stack.box()
+    rows, cols = stack.sagittal_shape[1:]
+    labels = np.empty((stack.num_slices, rows, cols), dtype=np.uint8)
+    confidence = np.empty((stack.num_slices, rows, cols), dtype=np.float32)
+    for start in range(0, stack.num_slices, chunk):
+        content = probabilities[start : start + chunk, :, top : top + height, left : left + width]
+        count, channels = content.shape[:2]
+        planes = _resize_planes(content.reshape(count * channels, height, width).numpy(), (rows, cols), mode="bilinear")
+        best, winner = torch.from_numpy(planes).reshape(count, channels, rows, cols).max(dim=1)
+        labels[start : start + chunk] = winner.numpy().astype(np.uint8)
+        confidence[start : start + chunk] = best.clamp(0.0, 1.0).numpy()
+    return (
+        from_sagittal(labels, stack.affine, stack.volume_shape),
+        from_sagittal(confidence, stack.affine, stack.volume_shape),
+    )
+
+
 def restore_probabilities(stack: SliceStack, probabilities: np.ndarray | torch.Tensor) -> np.ndarray:
     """Put per-slice class probabilities back into the source voxel grid (bilinear).
 

@@ -55,9 +55,6 @@ class Preset:
         patch_size: ViT patch edge in pixels; ``slice_size`` must be divisible by it.
         unetr_feature_size: channel width of the UNETR decoder's first level.
         embed_dim: dimension D of the shared pixel/prompt embedding space.
-        attention_dim: width of the pixel-over-token cross-attention's queries and keys.
-        attention_stride: the cross-attention runs on pixel embeddings average-pooled by
-            this factor (1 = full resolution), bounding its memory at large slice sizes.
         text_max_length: prompts are truncated to this many tokens.
         seg_channels: channels per level of the stage-2 segmenter (MONAI ``UNet``).
         stage2_batch_size: labeled slices per stage-2 step (the unlabeled batch matches).
@@ -96,8 +93,6 @@ class Preset:
     patch_size: int
     unetr_feature_size: int
     embed_dim: int
-    attention_dim: int
-    attention_stride: int
     text_max_length: int
     seg_channels: tuple[int, ...]
     stage2_batch_size: int
@@ -141,8 +136,6 @@ _PRESETS: dict[str, Preset] = {
         patch_size=0,
         unetr_feature_size=0,
         embed_dim=16,
-        attention_dim=16,
-        attention_stride=1,
         text_max_length=24,
         seg_channels=(8, 16, 32),
         stage2_batch_size=4,
@@ -165,8 +158,6 @@ _PRESETS: dict[str, Preset] = {
         patch_size=0,
         unetr_feature_size=0,
         embed_dim=64,
-        attention_dim=64,
-        attention_stride=2,
         text_max_length=32,
         seg_channels=(16, 32, 64, 128, 256),
         stage2_batch_size=8,
@@ -194,8 +185,6 @@ _PRESETS: dict[str, Preset] = {
         patch_size=16,
         unetr_feature_size=16,
         embed_dim=256,
-        attention_dim=256,
-        attention_stride=4,
         text_max_length=32,
         seg_channels=(32, 64, 128, 256, 512),
         stage2_batch_size=8,

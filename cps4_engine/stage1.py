@@ -47,7 +47,7 @@ from cps4_engine.labels import LabelScheme, mrspineseg_scheme
 from cps4_engine.losses import Stage1Loss, Stage1LossWeights, one_hot_targets
 from cps4_engine.models.image_encoder import build_image_encoder
 from cps4_engine.models.text import load_text_encoder
-from cps4_engine.models.vlm import VLM
+from cps4_engine.models.vlm import CLASS_MAPS, VLM
 from cps4_engine.preprocess import class_validity, prepare_volume
 from cps4_engine.presets import Preset, get_preset
 from cps4_engine.training import (
@@ -345,6 +345,7 @@ class Stage1Trainer(StageTask):
                 "frozen": self.config.freeze_text_encoder,
             },
             "centre_prompts": self.config.centre_prompts,
+            "class_maps": CLASS_MAPS,
             "losses": asdict(self.config.loss_weights()),
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,
@@ -393,7 +394,7 @@ class Stage1Trainer(StageTask):
 
             self.augmenter = SliceAugmenter(seed=config.seed)
             self.generators["augmentation"] = self.augmenter.generator
-        self.criterion = Stage1Loss(config.loss_weights(), self.preset.attention_stride)
+        self.criterion = Stage1Loss(config.loss_weights())
         has_structure = (self.train_slices.labels.flatten(1) > 0).any(dim=1)
         weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
         self.batches = batches(self.train_slices, self.batch_size, sampler, weights, collate_fn=_collate_slices)

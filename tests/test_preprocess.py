@@ -14,6 +14,7 @@ from cps4_engine.preprocess import (
     prepare_volume,
     restore_labels,
     restore_probabilities,
+    restore_soft_labels,
 )
 
 
@@ -61,6 +62,24 @@ def test_restore_labels_is_exact_at_native_size_and_close_after_resize():
     back = restore_labels(small, small.labels)
     assert back.shape == label.shape
     assert np.mean(back == label) > 0.9
+
+
+def test_soft_labels_are_exact_at_native_size_and_follow_probabilities_between_pixels():
+    volume, label = _blocky_case()
+    native = prepare_volume(volume, (24, 20), label=label)
+    one_hot = np.stack([(native.labels == c) for c in range(20)], axis=1).astype(np.float32)
+    labels, confidence = restore_soft_labels(native, one_hot * 0.9 + 0.005)
+    np.testing.assert_array_equal(labels, label)
+    assert labels.dtype == np.uint8 and confidence.shape == label.shape
+    np.testing.assert_allclose(confidence, 0.905, atol=1e-6)
+    # A two-pixel-wide model grid: the boundary between two half-sure classes lands where
+    # their resized probabilities cross, between the coarse pixels, not on their staircase.
+    ramp = prepare_volume(Volume(np.zeros((1, 4, 1), np.float32), np.eye(4)), (1, 2))
+    probabilities = np.zeros((1, 20, 1, 2), np.float32)
+    probabilities[0, 3] = [0.9, 0.1]
+    probabilities[0, 5] = [0.1, 0.9]
+    soft, _ = restore_soft_labels(ramp, probabilities)
+    assert soft.shape == (1, 4, 1) and sorted(np.unique(soft).tolist()) == [3, 5]
 
 
 def test_restore_probabilities_shape_and_values():

@@ -12,7 +12,6 @@ from cps4_engine.losses import (
     contrastive_loss,
     one_hot_targets,
     pixel_attention_loss,
-    pool_targets,
     token_attention_loss,
 )
 from cps4_engine.preprocess import class_validity
@@ -96,12 +95,3 @@ def test_partial_mask_does_not_teach_that_unpainted_vertebrae_are_background() -
         assert torch.count_nonzero(logits.grad[0, channel][unpainted]) == 0
         assert torch.count_nonzero(attention.grad[0, channel][unpainted]) == 0
     assert torch.count_nonzero(logits.grad[0, 2][unpainted]) > 0  # known: not class 2
-
-
-def test_pooled_targets_keep_fractions_and_only_fully_known_pixels() -> None:
-    targets = one_hot_targets(_labels(), P)
-    validity = torch.ones_like(targets, dtype=torch.bool)
-    validity[0, 1, 0, 0] = False
-    pooled, pooled_validity = pool_targets(targets, validity, 2)
-    assert pooled.shape == (1, P, 2, 2) and float(pooled[0, 2, 0, 0]) == 1.0 and float(pooled[0, 0, 0, 0]) == 0.0
-    assert not bool(pooled_validity[0, 1, 0, 0]) and bool(pooled_validity[0, 1, 1, 1])

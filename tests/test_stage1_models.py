@@ -1,4 +1,4 @@
-"""The stage-1 model: shapes, attention normalisation, head bounds, gradients to both encoders."""
+"""The stage-1 model: shapes, one prompt-pixel map (class attention = class maps), head bounds, gradients."""
 
 from __future__ import annotations
 
@@ -19,23 +19,46 @@ def _tiny_vlm() -> VLM:
     return VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset)
 
 
-def test_output_shapes_and_attention_normalisation() -> None:
+def test_output_shapes_and_class_attention_is_the_softmax_of_the_logits() -> None:
     vlm = _tiny_vlm().eval()
     prompts = vlm.encode_prompts(PROMPTS[:-1] + ["a much longer prompt about a herniated t12/l1 intervertebral disc"])
     output = vlm(torch.rand(2, 1, 64, 32), prompts)
-    length = prompts.tokens.shape[1]
-    assert output.logits.shape == (2, 20, 64, 32) and output.attention.shape == (2, 20, length, 64, 32)
-    assert torch.allclose(output.attention.sum(dim=(1, 2)), torch.ones(2, 64, 32), atol=1e-5)
-    assert float(output.attention[:, 0, int(prompts.mask[0].sum()) :].abs().max()) == 0.0
+    assert output.logits.shape == (2, 20, 64, 32) and output.class_attention.shape == (2, 20, 64, 32)
+    assert torch.allclose(output.class_attention.sum(dim=1), torch.ones(2, 64, 32), atol=1e-5)
+    assert torch.allclose(output.class_attention, torch.softmax(output.logits, dim=1), atol=1e-6)
     scale, bias = float(vlm.head.log_scale.exp()), float(vlm.head.bias)
     assert float((output.logits - bias).abs().max()) <= scale + 1e-4
 
 
-def test_strided_attention_is_pooled() -> None:
-    preset = get_preset("cpu")
-    vlm = VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset)
-    output = vlm(torch.rand(1, 1, 128, 64))
-    assert output.attention.shape[-2:] == (64, 32) and output.logits.shape[-2:] == (128, 64)
+def test_the_token_loss_reaches_the_logits_the_class_maps_read() -> None:
+    vlm = _tiny_vlm()
+    labels = torch.zeros(2, 64, 32, dtype=torch.long)
+    labels[:, 20:30, 8:20] = 4
+    targets = one_hot_targets(labels, 20)
+    output = vlm(torch.rand(2, 1, 64, 32))
+    output.logits.retain_grad()
+    losses = Stage1Loss(Stage1LossWeights(alignment=0.0, token=1.0, pixel=0.0))(output, targets, torch.ones_like(targets, dtype=torch.bool))
+    losses["total"].backward()
+    assert set(losses) == {"token", "total"}
+    assert float(output.logits.grad[:, 4].abs().sum()) > 0  # the class map of class 4 is pushed
+    assert float(output.logits.grad[:, 4, 20:30, 8:20].sum()) < 0  # up inside its mask (descent raises it)
+
+
+def test_the_attention_losses_change_the_class_maps_stage_2_reads() -> None:
+    images = torch.rand(2, 1, 64, 32)
+    labels = torch.zeros(2, 64, 32, dtype=torch.long)
+    labels[:, 20:30, 8:20] = 4
+    targets = one_hot_targets(labels, 20)
+    maps = {}
+    for name, weights in {"alignment only": Stage1LossWeights(token=0.0, pixel=0.0),
+                          "all losses": Stage1LossWeights()}.items():
+        vlm = _tiny_vlm()
+        optimizer = torch.optim.SGD(vlm.parameters(), lr=0.1)
+        loss = Stage1Loss(weights)(vlm(images), targets, torch.ones_like(targets, dtype=torch.bool))["total"]
+        loss.backward()
+        optimizer.step()
+        maps[name] = vlm.class_probabilities(images)
+    assert float((maps["alignment only"] - maps["all losses"]).abs().max()) > 1e-4
 
 
 def test_gradients_reach_both_encoders() -> None:
@@ -52,15 +75,19 @@ def test_gradients_reach_both_encoders() -> None:
     assert vlm.text_encoder.backbone.get_input_embeddings().weight.grad is None  # vocabulary table frozen
 
 
-def test_class_probabilities_are_batched_foreground_sigmoids() -> None:
+def test_class_probabilities_are_the_batched_foreground_class_attention() -> None:
     vlm = _tiny_vlm().eval()
     images = torch.rand(5, 1, 64, 32)
     probabilities = vlm.class_probabilities(images, batch_size=2)
     with torch.no_grad():
-        expected = vlm(images).logits[:, 1:].sigmoid()
+        expected = vlm(images).class_attention[:, 1:]
     assert probabilities.shape == (5, 19, 64, 32) and torch.allclose(probabilities, expected, atol=1e-5)
+    assert float(probabilities.sum(dim=1).max()) <= 1.0 + 1e-5
     heat, shares = vlm.prompt_response(images[:2], "l3 vertebra")
     assert heat.shape == (2, 64, 32) and shares.shape == (4,) and abs(float(shares.sum()) - 1.0) < 1e-5
+    with torch.no_grad():
+        free = vlm(images[:2], vlm.encode_prompts([*PROMPTS, "l3 vertebra"])).class_attention[:, -1]
+    assert torch.allclose(heat, free, atol=1e-6)
 
 
 def test_paper_preset_builds_a_vit_b16_unetr() -> None:

@@ -1,24 +1,34 @@
-"""The stage-1 vision-language model: image encoder, text encoder, prompt-pixel head and
-pixel-over-token cross-attention.
+"""The stage-1 vision-language model: image encoder, text encoder and one prompt-pixel map.
 
 Prompts: one per class of the scheme, background first (P = 20 for MRSpineSeg): prompt
-``p`` describes class ``p``. The background prompt gives the cross-attention somewhere to
-send background pixels and the alignment loss a negative anchor; stage 2 and the class
-maps use only the 19 foreground channels (class ``c`` at channel ``c - 1``).
+``p`` describes class ``p``. The background prompt gives every pixel somewhere to go and
+the losses a negative anchor; stage 2 and the class maps use only the 19 foreground
+channels (class ``c`` at channel ``c - 1``).
 
-- :class:`PromptPixelHead`: ``logit = scale * cos(pixel, prompt) + bias`` with a learnable
-  scale and bias; ``sigmoid(logit)`` is the probability that the pixel belongs to the
-  prompt's class.
-- Prompt centring (on by default): the class prompts of a scheme differ in one word ("L3"
-  against "L4"), so their pooled embeddings share a large common component (projected
-  pooled MiniLM embeddings of the 20 prompts have a mean pairwise cosine of 0.83, up to
-  0.99; ``benchmarks/stage1_diagnostics.py prompts``). The heads
-  therefore see each pooled embedding minus the mean over the class prompts; a free-text
-  prompt has the same class mean subtracted, so it is compared in the same frame.
-- :class:`TokenCrossAttention`: every pixel (query) attends over every token (key) of
-  every prompt; the softmax runs over all tokens of all prompts, so each pixel splits one
-  unit of attention between the prompts. Summing a prompt's token attention gives that
-  class's attention map, which the token- and pixel-level losses compare with its mask.
+One prompt-pixel map. :class:`PromptPixelHead` gives ``logit = scale * cos(pixel,
+prompt) + bias`` for every pixel and prompt. Everything reads these logits:
+
+- the **class attention** ``softmax over the P prompts of the logits`` is how each pixel
+  splits one unit of attention between the prompts; the token- and pixel-level attention
+  losses compare it with the masks, and it *is* the class maps stage 2 fuses and the
+  prompt inspector shows (:meth:`VLM.class_probabilities`);
+- the dense alignment loss reads ``sigmoid(logit)`` of the same logits (per class).
+
+So every stage-1 loss shapes the map stage 2 receives: switching the attention losses
+off changes the maps. (Before, a separate pixel-over-token cross-attention carried the
+attention losses and the maps were read from the head, so the losses never reached
+them.) The bias cancels in the softmax; the learnable scale is its inverse temperature.
+
+Prompt centring (on by default): the class prompts of a scheme differ in a few words, so
+their pooled embeddings share a large common component (``benchmarks/stage1_diagnostics.py
+prompts``). The head therefore sees each pooled embedding minus the mean over the class
+prompts; a free-text prompt has the same class mean subtracted, so it is compared in the
+same frame.
+
+Which words of a prompt matter (:meth:`VLM.prompt_response`): the pixels that match a
+free-text prompt are compared with each of its token embeddings; a token's share is the
+softmax over the prompt's tokens of the same scaled cosine, averaged over the pixels
+weighted by how much they match.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from torch import nn
 from cps4_engine.models.text import TextEncoder, TextEncoding
 from cps4_engine.presets import Preset
 
+# What a stage-1 run's config.json records under "class_maps": where its maps come from.
+CLASS_MAPS = "class-attention"
 INITIAL_SCALE = 10.0
 INITIAL_BIAS = -5.0
 
@@ -43,10 +55,8 @@ class VLMOutput:
     """What one forward pass of :class:`VLM` gives.
 
     Attributes:
-        logits: float ``(B, P, H, W)``: prompt-pixel logits; ``sigmoid`` gives probabilities.
-        attention: float ``(B, P, L, h, w)``: attention of each pixel on each token of
-            each prompt, at the attention resolution ``(h, w) = (H, W) / stride``; sums to
-            1 over ``(P, L)`` at every pixel, 0 on padding tokens.
+        logits: float ``(B, P, H, W)``: prompt-pixel logits; ``sigmoid`` gives each
+            class's own probability (the alignment loss).
         image_logits: float ``(B, P)``: logits of the whole-slice embedding against each
             prompt (for the image-text contrastive term).
         pixel_embeddings: float ``(B, D, H, W)``.
@@ -55,15 +65,21 @@ class VLMOutput:
     """
 
     logits: torch.Tensor
-    attention: torch.Tensor
     image_logits: torch.Tensor
     pixel_embeddings: torch.Tensor
     prompt_embeddings: torch.Tensor
 
     @property
     def class_attention(self) -> torch.Tensor:
-        """Each prompt's attention summed over its tokens, ``(B, P, h, w)`` in [0, 1]."""
-        return self.attention.sum(dim=2)
+        """How each pixel splits its attention between the prompts: float ``(B, P, H, W)``,
+        the softmax of :attr:`logits` over prompts (sums to 1 at every pixel). The class
+        maps stage 2 uses are its foreground channels."""
+        return class_attention(self.logits)
+
+
+def class_attention(logits: torch.Tensor, prompt_dim: int = 1) -> torch.Tensor:
+    """Softmax of prompt-pixel logits over the prompts (float32 for stability)."""
+    return torch.softmax(logits.float(), dim=prompt_dim)
 
 
 class PromptPixelHead(nn.Module):
@@ -86,44 +102,14 @@ class PromptPixelHead(nn.Module):
         return self.log_scale.exp() * cosine + self.bias
 
 
-class TokenCrossAttention(nn.Module):
-    """Attention weights of pixels (queries) over the tokens of all prompts (keys).
-
-    Args:
-        embed_dim: width D of pixel and token embeddings.
-        attention_dim: width of queries and keys.
-        stride: pixel embeddings are average-pooled by this factor first.
-    """
-
-    def __init__(self, embed_dim: int, attention_dim: int, stride: int = 1) -> None:
-        super().__init__()
-        self.query = nn.Conv2d(embed_dim, attention_dim, kernel_size=1)
-        self.key = nn.Linear(embed_dim, attention_dim)
-        self.stride = int(stride)
-
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Attention ``(B, P, L, h, w)`` of pixel embeddings ``(B, D, H, W)`` over prompt
-        tokens ``(P, L, D)`` with mask ``(P, L)`` (True for real tokens)."""
-        if self.stride > 1:
-            pixels = F.avg_pool2d(pixels, self.stride)
-        batch, _, height, width = pixels.shape
-        prompts, length, _ = tokens.shape
-        queries = self.query(pixels).flatten(2)
-        keys = self.key(tokens).reshape(prompts * length, -1)
-        scores = torch.einsum("ban,ka->bnk", queries, keys) / math.sqrt(keys.shape[-1])
-        scores = scores.masked_fill(~token_mask.reshape(1, 1, -1), torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1)
-        return weights.reshape(batch, height, width, prompts, length).permute(0, 3, 4, 1, 2)
-
-
 class VLM(nn.Module):
-    """Image encoder + text encoder + prompt-pixel head + token cross-attention.
+    """Image encoder + text encoder + the prompt-pixel head.
 
     Args:
         image_encoder: maps ``(B, 1, H, W)`` to ``(B, D, H, W)``.
         text_encoder: projects to the same D.
         prompts: one prompt per class, background first (class ``p`` at index ``p``).
-        preset: the preset the model was built for (slice size, attention sizes).
+        preset: the preset the model was built for (slice size, embedding width).
         centre_prompts: subtract the class prompts' mean pooled embedding before the
             heads (see the module docstring); runs saved before this option existed
             were trained without it.
@@ -137,7 +123,6 @@ class VLM(nn.Module):
         self.text_encoder = text_encoder
         self.head = PromptPixelHead()
         self.image_head = PromptPixelHead()
-        self.attention = TokenCrossAttention(preset.embed_dim, preset.attention_dim, preset.attention_stride)
         self.prompts = list(prompts)
         self.preset = preset
         self.centre_prompts = bool(centre_prompts)
@@ -174,7 +159,6 @@ class VLM(nn.Module):
         pixels = self.image_encoder(images)
         return VLMOutput(
             logits=self.head(pixels, pooled),
-            attention=self.attention(pixels, encoded.tokens, encoded.mask),
             image_logits=self.image_head(pixels.mean(dim=(2, 3)), pooled),
             pixel_embeddings=pixels,
             prompt_embeddings=pooled,
@@ -182,7 +166,8 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def class_probabilities(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Per-class probability maps of preprocessed slices.
+        """The class maps of preprocessed slices: the foreground channels of the class
+        attention (:attr:`VLMOutput.class_attention`).
 
         Args:
             images: float ``(S, 1, H, W)`` in [0, 1], on any device.
@@ -190,7 +175,7 @@ class VLM(nn.Module):
 
         Returns:
             float32 ``(S, 19, H, W)`` on the device of ``images``; foreground class ``c``
-            at channel ``c - 1``.
+            at channel ``c - 1``; with the background's share they sum to 1 per pixel.
         """
         was_training = self.training
         self.eval()
@@ -199,7 +184,7 @@ class VLM(nn.Module):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(self.device, dtype=torch.float32)
             logits = self.head(self.image_encoder(batch), pooled)
-            chunks.append(logits[:, 1:].float().sigmoid().to(images.device))
+            chunks.append(class_attention(logits)[:, 1:].to(images.device))
         self.train(was_training)
         return torch.cat(chunks) if chunks else images.new_zeros((0, len(self.prompts) - 1, *images.shape[2:]))
 
@@ -207,8 +192,8 @@ class VLM(nn.Module):
     def prompt_response(self, images: torch.Tensor, text: str, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """How slices respond to a free-text prompt.
 
-        The prompt is added after the class prompts, so in the cross-attention it competes
-        with them for every pixel's attention.
+        The prompt is added after the class prompts, so in the class attention it
+        competes with them for every pixel.
 
         Args:
             images: float ``(S, 1, H, W)`` in [0, 1].
@@ -216,20 +201,27 @@ class VLM(nn.Module):
             batch_size: slices per forward pass.
 
         Returns:
-            ``(probabilities, token_attention)``: float32 ``(S, H, W)`` probability that
-            each pixel matches the prompt, on the device of ``images``; float32 ``(T,)``
-            share of the prompt's total attention received by each of its T tokens.
+            ``(probabilities, token_shares)``: float32 ``(S, H, W)``, the prompt's share
+            of each pixel's attention, on the device of ``images``; float32 ``(T,)``, how
+            much each of its T tokens accounts for the pixels that match it (see the
+            module docstring), summing to 1.
         """
         was_training = self.training
         self.eval()
         encoded = self.encode_prompts([*self.prompts, text])
         count = int(encoded.mask[-1].sum())
-        maps, token_mass = [], torch.zeros(encoded.tokens.shape[1], device=self.device)
+        tokens = F.normalize(encoded.tokens[-1, :count], dim=-1)
+        scale = self.head.log_scale.exp()
+        maps, token_mass = [], torch.zeros(count, device=self.device)
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(self.device, dtype=torch.float32)
             output = self(batch, encoded)
-            maps.append(output.logits[:, -1].float().sigmoid().to(images.device))
-            token_mass += output.attention[:, -1].float().sum(dim=(0, 2, 3))
+            response = output.class_attention[:, -1]
+            token_softmax = torch.softmax(
+                scale * torch.einsum("bdhw,td->bthw", F.normalize(output.pixel_embeddings.float(), dim=1), tokens), dim=1
+            )
+            token_mass += (token_softmax * response.unsqueeze(1)).sum(dim=(0, 2, 3))
+            maps.append(response.to(images.device))
         self.train(was_training)
-        shares = token_mass[:count] / token_mass[:count].sum().clamp_min(torch.finfo(torch.float32).tiny)
+        shares = token_mass / token_mass.sum().clamp_min(torch.finfo(torch.float32).tiny)
         return torch.cat(maps), shares.cpu()
