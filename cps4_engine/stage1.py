@@ -20,7 +20,9 @@ Run folder (``out``):
   scaler, step, random generators: what ``resume`` needs);
 - ``text_encoder/``: the text backbone's config and tokenizer (weights are in the model
   files), so the run loads without the original text encoder;
-- ``history.json`` (loss parts per step, validation scores), ``split.json``.
+- ``history.json`` (loss parts per step, validation scores), ``split.json``;
+- ``class_reliability.json``: each class map's Dice on the validation volumes at the best
+  checkpoint (:func:`write_class_reliability`), which stage 2's fusion weighs the maps by.
 
 Mixed precision on CUDA: bfloat16 autocast where supported, else float16 with a
 ``GradScaler``.
@@ -28,6 +30,7 @@ Mixed precision on CUDA: bfloat16 autocast where supported, else float16 with a
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, replace
@@ -63,6 +66,8 @@ from cps4_engine.training import (
 # The learning rate decays to this share of its base value (cosine after the warm-up).
 FINAL_LEARNING_RATE_SHARE = 0.1
 TEXT_FOLDER = "text_encoder"
+# The stage-1 class maps' per-class validation Dice at the best checkpoint.
+RELIABILITY_FILE = "class_reliability.json"
 EMPTY_SLICE_WEIGHT = 0.25
 WARMUP_FRACTION = 0.05
 
@@ -222,8 +227,8 @@ def _one_hot_volume(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_dice(vlm: VLM, cache: SliceCache, threshold: float) -> float:
-    """Mean over volumes of the 3D Dice of fused class maps, over the classes present.
+def validation_scores(vlm: VLM, cache: SliceCache, threshold: float) -> tuple[float, list[float | None]]:
+    """3D Dice of the fused class maps on validation volumes: overall and per class.
 
     Args:
         vlm: the model.
@@ -231,7 +236,10 @@ def validation_dice(vlm: VLM, cache: SliceCache, threshold: float) -> float:
         threshold: class probability threshold of the fusion.
 
     Returns:
-        Dice in [0, 1]; NaN when no volume has a foreground class.
+        ``(dice, per_class)``: the mean over volumes of each volume's mean Dice over the
+        classes present (NaN when no volume has a foreground class), and for each of the
+        19 foreground classes (class ``c`` at index ``c - 1``) its mean Dice over the
+        volumes where it is present, None where it never is.
     """
     from monai.metrics import DiceMetric
 
@@ -239,16 +247,37 @@ def validation_dice(vlm: VLM, cache: SliceCache, threshold: float) -> float:
 
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     num_classes = len(vlm.prompts)
-    scores = []
+    scores, per_volume = [], []
     for index in torch.unique(cache.volume_index).tolist():
         chosen = cache.volume_index == index
         probabilities = vlm.class_probabilities(cache.images[chosen])
         predicted = fuse_class_maps(probabilities, threshold, class_dim=1)
         truth = cache.labels[chosen]
-        per_class = metric(_one_hot_volume(predicted.cpu(), num_classes), _one_hot_volume(truth, num_classes))
+        per_class = metric(_one_hot_volume(predicted.cpu(), num_classes), _one_hot_volume(truth, num_classes))[0]
+        per_volume.append(per_class)
         if torch.isfinite(per_class).any():
             scores.append(float(per_class[torch.isfinite(per_class)].mean()))
-    return float(np.mean(scores)) if scores else float("nan")
+    classes: list[float | None] = [None] * (num_classes - 1)
+    if per_volume:
+        stacked = torch.stack(per_volume)
+        for class_index in range(num_classes - 1):
+            present = stacked[:, class_index][torch.isfinite(stacked[:, class_index])]
+            classes[class_index] = float(present.mean()) if present.numel() else None
+    return (float(np.mean(scores)) if scores else float("nan")), classes
+
+
+def write_class_reliability(out: Path, per_class: Sequence[float | None], dice: float, step: int, volumes: int) -> None:
+    """Record how good each class map was on the validation volumes (``class_reliability.json``).
+
+    Stage 2 weighs each class map in fused pseudo-labels by it
+    (:func:`cps4_engine.fusion.read_class_reliability`). Format: ``{"dice": [19 floats or
+    null], "score": overall Dice, "step": int, "volumes": int}``; index ``i`` is foreground
+    class ``i + 1``.
+    """
+    checkpoint.write_json_atomically(out / RELIABILITY_FILE, {
+        "dice": [None if value is None else round(float(value), 6) for value in per_class],
+        "score": round(float(dice), 6), "step": int(step), "volumes": int(volumes),
+    })
 
 
 def _check_config(config: Stage1Config) -> None:
@@ -399,8 +428,11 @@ class Stage1Trainer(StageTask):
         weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
         self.batches = batches(self.train_slices, self.batch_size, sampler, weights, collate_fn=_collate_slices)
         self.context = context
+        self.step = 0
 
     def write_new_run(self) -> None:
+        # A run restarted after dying before its first checkpoint must not inherit a record.
+        (self.out / RELIABILITY_FILE).unlink(missing_ok=True)
         self.model.text_encoder.save_architecture(self.out / TEXT_FOLDER)
         self.split.save(self.out / SPLIT_FILE)
         write_run_config(self.out, self.run_config(self.model.text_encoder.source))
@@ -411,6 +443,9 @@ class Stage1Trainer(StageTask):
             f"({len(self.train_slices)} slices), {len(self.split.validation)} validation, "
             f"text encoder {self.model.text_encoder.source}"
         )
+
+    def after_step(self, step: int) -> None:
+        self.step = step
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels, painted = next(self.batches)
@@ -427,7 +462,19 @@ class Stage1Trainer(StageTask):
     def validate(self) -> dict[str, tuple[float, nn.Module]]:
         if not len(self.validation):
             return {}
-        return {"student": (validation_dice(self.model, self.validation, self.config.threshold), self.model)}
+        dice, per_class = validation_scores(self.model, self.validation, self.config.threshold)
+        if math.isfinite(dice) and dice > self._best_recorded():
+            # The loop keeps these weights as the best: record what their class maps are worth.
+            volumes = int(torch.unique(self.validation.volume_index).numel())
+            write_class_reliability(self.out, per_class, dice, self.step, volumes)
+        return {"student": (dice, self.model)}
+
+    def _best_recorded(self) -> float:
+        """The overall Dice recorded with the class reliability so far (-inf if none)."""
+        path = self.out / RELIABILITY_FILE
+        if not path.is_file():
+            return -math.inf
+        return float(json.loads(path.read_text()).get("score", -math.inf))
 
 
 def _collate_slices(items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]]) -> tuple:

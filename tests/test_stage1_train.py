@@ -45,6 +45,13 @@ def test_tiny_preset_loss_falls_and_run_folder_is_complete(dataset, tmp_path) ->
     assert config["preset"]["name"] == "tiny" and config["text_encoder"]["source"] == "tiny" and "torch" in config["versions"]
     history = json.loads((run / "history.json").read_text())
     assert [entry["step"] for entry in history["validation"]] == [20, 40]
+    reliability = json.loads((run / "class_reliability.json").read_text())
+    best = max(history["validation"], key=lambda entry: entry["dice"])
+    assert reliability["step"] == best["step"] and reliability["volumes"] == 1
+    assert abs(reliability["score"] - best["dice"]) < 1e-5 and len(reliability["dice"]) == 19
+    known = [value for value in reliability["dice"] if value is not None]
+    assert known and all(0.0 <= value <= 1.0 for value in known)
+    assert abs(reliability["score"] - np.mean(known)) < 1e-5  # one volume: the overall Dice is the mean over its classes
 
 
 def test_cancel_then_resume_matches_an_uninterrupted_run(dataset, tmp_path) -> None:
