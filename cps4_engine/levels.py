@@ -22,8 +22,10 @@ How the step names the vertebrae. Structures are sorted from inferior to superio
 given consecutive levels, skipping a level where the gap between two neighbours is 1.75
 times the usual one (a vertebra not segmented there, :func:`level_steps`). Where the lowest structure is by majority the sacrum or L5 (the
 caudal end is in view), the count starts from its own label; otherwise the start is the
-one that agrees with the most voxels' labels overall. Discs take the level between their
-neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
+one that agrees with the most voxels' labels overall. A structure more than 1.7 times as tall as the typical one is
+bodies the network fused (their labels mixed across slices, so they cannot be told apart by
+label): it is cut at its narrowest waists along the superior axis, where the disc spaces
+are (:func:`split_fused_bodies`). Discs take the level between their neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
 Specks (below 10 % of the largest structure of their kind) and then structures smaller
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
 background: a fragment below L5 would otherwise be counted as the lowest level and shift
@@ -55,6 +57,18 @@ MISSING_LEVEL_GAP = 1.75
 # Structures below this share of the largest of their kind are specks, left out of the
 # median body size the fragment rule compares with.
 SPECK_FRACTION = 0.1
+# A structure whose superior-axis extent exceeds this multiple of the typical one is two
+# (or more) bodies fused into one component: a single body tilted by the lumbosacral angle
+# reaches about 1.5 times its upright extent, two fused bodies about 2.2 times.
+OVERSIZE_EXTENT = 1.7
+# The extent of a structure: the spread of its voxels' heights between these percentiles.
+_EXTENT_PERCENTILES = (5, 95)
+# Height histogram bin (mm) and smoothing (mm) used to find the waist between fused bodies.
+_WAIST_BIN_MM = 1.0
+_WAIST_SMOOTHING_MM = 2.0
+# A waist is a cut only where the structure narrows to this share of the bodies on both
+# sides (a disc space between fused bodies, not the ragged tail of one body).
+_WAIST_DEPTH = 0.5
 CAUDAL_ANCHOR_SHORT_NAMES = ("S", "L5")
 CAUDAL_DISC_SHORT_NAMES = ("L5/S",)
 
@@ -194,6 +208,89 @@ def find_structures(
     return sorted(structures, key=lambda structure: structure.height_mm)
 
 
+def _heights(structure: Structure, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """Superior-axis height in mm of every voxel of ``structure``."""
+    return superior_height(affine, np.stack(np.unravel_index(structure.index, shape), axis=-1))
+
+
+def _extent(heights: np.ndarray) -> float:
+    low, high = np.percentile(heights, _EXTENT_PERCENTILES)
+    return float(high - low)
+
+
+def _waists(heights: np.ndarray, pieces: int, spacing_mm: float, bin_mm: float = _WAIST_BIN_MM) -> list[float]:
+    """The ``pieces - 1`` heights where a fused structure is narrowest, ``spacing_mm`` apart at least.
+
+    The voxels' heights are histogrammed in ``bin_mm`` bins (1 mm, or a voxel's height
+    where voxels are taller, so no bin falls between two voxel rows) and smoothed; the deepest local
+    minima inside the structure that fall to half of the widest parts on both sides (the
+    disc spaces between fused bodies) are the cuts.
+    """
+    edges = np.arange(heights.min(), heights.max() + 2 * bin_mm, bin_mm)
+    counts, _ = np.histogram(heights, bins=edges)
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    low, high = np.percentile(heights, _EXTENT_PERCENTILES)
+    minima = [
+        i for i in range(1, len(smooth) - 1)
+        if smooth[i] <= smooth[i - 1] and smooth[i] <= smooth[i + 1] and low < centres[i] < high
+        and smooth[i] <= _WAIST_DEPTH * min(smooth[:i].max(), smooth[i + 1 :].max())
+    ]
+    cuts: list[float] = []
+    for i in sorted(minima, key=lambda i: smooth[i]):
+        if len(cuts) == pieces - 1:
+            break
+        if all(abs(centres[i] - cut) >= spacing_mm for cut in cuts):
+            cuts.append(float(centres[i]))
+    return sorted(cuts)
+
+
+def split_fused_bodies(
+    structures: Sequence[Structure], labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> list[Structure]:
+    """Cut structures that are several bodies fused into one, at their narrowest waists.
+
+    A structure whose superior-axis extent (5th to 95th percentile of its voxels'
+    heights) is more than :data:`OVERSIZE_EXTENT` times the median extent of the others is
+    split into ``round(extent / median)`` pieces at the deepest minima of its voxel count
+    along the superior axis (:func:`_waists`); each piece gets the labels its voxels vote.
+    With fewer than three structures there is no typical extent and nothing is split.
+
+    Args:
+        structures: structures of one kind (:func:`find_structures`).
+        labels_flat: the label volume, flattened in C order.
+        shape: the label volume's shape.
+        affine: its voxel-to-world matrix.
+
+    Returns:
+        The structures, fused ones replaced by their pieces, sorted inferior to superior.
+    """
+    if len(structures) < 3:
+        return list(structures)
+    heights = [_heights(structure, shape, affine) for structure in structures]
+    bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
+    extents = np.array([_extent(h) for h in heights])
+    result: list[Structure] = []
+    for structure, own, extent in zip(structures, heights, extents):
+        typical = float(np.median(extents[extents != extent])) if np.count_nonzero(extents != extent) else extent
+        pieces = int(round(extent / typical)) if typical > 0 else 1
+        cuts = _waists(own, pieces, 0.5 * typical, bin_mm) if extent > OVERSIZE_EXTENT * typical and pieces >= 2 else []
+        if not cuts:
+            result.append(structure)
+            continue
+        piece_of = np.searchsorted(np.asarray(cuts), own)
+        for piece in range(len(cuts) + 1):
+            inside = piece_of == piece
+            values, counts = np.unique(labels_flat[structure.index[inside]], return_counts=True)
+            part = Structure(
+                kind=structure.kind, index=structure.index[inside], height_mm=float(own[inside].mean()),
+                votes={int(v): int(c) for v, c in zip(values, counts)},
+            )
+            part.label = part.majority
+            result.append(part)
+    return sorted(result, key=lambda structure: structure.height_mm)
+
+
 @dataclass
 class LevelReport:
     """What :func:`make_levels_consistent` did.
@@ -304,12 +401,16 @@ def make_levels_consistent(
         structures = find_structures(labels, affine, scheme, kind)
         largest = max((s.size for s in structures), default=0)
         bodies = [s for s in structures if s.size >= SPECK_FRACTION * largest]
+        for speck in (s for s in structures if s.size < SPECK_FRACTION * largest):
+            flat[speck.index] = 0
+            report.removed_voxels += speck.size
+        bodies = split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine)
         typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
         kept[kind] = [s for s in bodies if s.size >= min_fraction * typical]
         kept_ids = {id(s) for s in kept[kind]}
-        for speck in (s for s in structures if id(s) not in kept_ids):
-            flat[speck.index] = 0
-            report.removed_voxels += speck.size
+        for fragment in (s for s in bodies if id(s) not in kept_ids):
+            flat[fragment.index] = 0
+            report.removed_voxels += fragment.size
     vertebra_ids, disc_ids = spine_levels(scheme)
     by_short = {info.short: info.id for info in scheme.classes}
     vertebra_anchors = [by_short[name] for name in CAUDAL_ANCHOR_SHORT_NAMES if name in by_short]

@@ -97,3 +97,32 @@ def test_a_fragment_below_l5_does_not_shift_the_count() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     np.testing.assert_array_equal(fixed, _spine())
     assert report.removed_voxels == 2 * 2 * 2
+
+
+def _life_size_spine() -> np.ndarray:
+    """L1..L5 bodies 25 mm tall every 35 mm (1 mm voxels), as on the real vb3 volumes."""
+    labels = np.zeros((185, 40, 8), dtype=np.uint8)
+    for index, class_id in enumerate((L1, L2, L3, L4, L5)):
+        labels[5 + index * 35 : 30 + index * 35, 5:35, :] = class_id
+    return labels
+
+
+def test_two_fused_bodies_with_labels_mixed_across_slices_are_cut_at_their_waist() -> None:
+    """L4 and L5 fused by a bridge through their disc space, and in half the sagittal slices
+    painted one level low (L5 on L4, S on L5): no label separates them, their shape does."""
+    labels = _life_size_spine()
+    labels[135:145, 15:22, :] = L4  # a bridge a quarter as wide as the bodies closes the L4/L5 gap
+    labels[110:135, 5:35, :3] = L5  # L4's body painted L5 in three of its eight slices
+    labels[145:170, 5:35, :3] = S  # L5's body painted S in the same slices
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+    assert report.anchor == "caudal"
+    assert set(np.unique(fixed[150:170, 5:35])) == {L5} and set(np.unique(fixed[110:130, 5:35])) == {L4}
+
+
+def test_a_tall_single_body_is_not_cut() -> None:
+    labels = _life_size_spine()
+    labels[138:145, 5:35, :] = L5  # L5 a quarter again as tall as the others (a tilted body), no waist
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+    np.testing.assert_array_equal(fixed, labels)
