@@ -25,7 +25,8 @@ caudal end is in view), the count starts from its own label; otherwise the start
 one that agrees with the most voxels' labels overall. A structure more than 1.7 times as tall as the typical one is
 bodies the network fused (their labels mixed across slices, so they cannot be told apart by
 label): it is cut at its narrowest waists along the superior axis, where the disc spaces
-are (:func:`split_fused_bodies`). Discs take the level between their neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
+are (:func:`split_fused_bodies`); structures closer than half the usual gap are pieces of
+one body and are joined (:func:`merge_close_pieces`). Discs take the level between their neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
 Specks (below 10 % of the largest structure of their kind) and then structures smaller
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
 background: a fragment below L5 would otherwise be counted as the lowest level and shift
@@ -54,6 +55,9 @@ _SAME_BODY_OVERLAP = 0.5
 # swallowed part of the next one) moves a centroid by less: 1.57 pitches were seen on a
 # real vb3 prediction with every level present.
 MISSING_LEVEL_GAP = 1.75
+# Two structures closer along the superior axis than this share of the usual gap are pieces
+# of one body (its upper part painted the next level), not two levels: bodies cannot overlap.
+SAME_BODY_GAP = 0.5
 # Structures below this share of the largest of their kind are specks, left out of the
 # median body size the fragment rule compares with.
 SPECK_FRACTION = 0.1
@@ -291,6 +295,43 @@ def split_fused_bodies(
     return sorted(result, key=lambda structure: structure.height_mm)
 
 
+def merge_close_pieces(structures: Sequence[Structure]) -> list[Structure]:
+    """Join structures that lie too close along the superior axis to be two levels.
+
+    Where two neighbours' centroids are less than :data:`SAME_BODY_GAP` times the median
+    gap apart, the smaller is a piece of the larger (a body whose upper part the network
+    painted with the next level's label, split off by :func:`find_structures`): it joins
+    the neighbour it is closest to, repeatedly, until every gap is plausible. With fewer
+    than three structures there is no usual gap and nothing is joined.
+
+    Args:
+        structures: structures of one kind, sorted inferior to superior.
+
+    Returns:
+        The structures after joining, sorted inferior to superior.
+    """
+    result = sorted(structures, key=lambda structure: structure.height_mm)
+    while len(result) >= 3:
+        gaps = np.diff([structure.height_mm for structure in result])
+        pitch = float(np.median(gaps))
+        close = int(np.argmin(gaps))
+        if pitch <= 0 or gaps[close] >= SAME_BODY_GAP * pitch:
+            break
+        first, second = result[close], result[close + 1]
+        piece, body = (first, second) if first.size < second.size else (second, first)
+        votes = dict(body.votes)
+        for class_id, count in piece.votes.items():
+            votes[class_id] = votes.get(class_id, 0) + count
+        joined = Structure(
+            kind=body.kind, index=np.concatenate([body.index, piece.index]),
+            height_mm=(body.height_mm * body.size + piece.height_mm * piece.size) / (body.size + piece.size),
+            votes=votes,
+        )
+        joined.label = joined.majority
+        result[close : close + 2] = [joined]
+    return result
+
+
 @dataclass
 class LevelReport:
     """What :func:`make_levels_consistent` did.
@@ -404,7 +445,7 @@ def make_levels_consistent(
         for speck in (s for s in structures if s.size < SPECK_FRACTION * largest):
             flat[speck.index] = 0
             report.removed_voxels += speck.size
-        bodies = split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine)
+        bodies = merge_close_pieces(split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine))
         typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
         kept[kind] = [s for s in bodies if s.size >= min_fraction * typical]
         kept_ids = {id(s) for s in kept[kind]}

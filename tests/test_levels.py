@@ -126,3 +126,11 @@ def test_a_tall_single_body_is_not_cut() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
     np.testing.assert_array_equal(fixed, labels)
+
+
+def test_a_body_whose_upper_part_is_painted_the_next_level_stays_one_level() -> None:
+    labels = _life_size_spine()
+    labels[145:152, 5:35, :] = L4  # the top 7 mm of L5 painted L4 in every slice
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, _life_size_spine())
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
