@@ -10,11 +10,19 @@ from __future__ import annotations
 from cps4_engine.errors import CPS4Error
 from cps4_engine.presets import PRESET_NAMES, get_preset
 
-METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "cps4")
+METHODS: tuple[str, ...] = ("supervised", "mean-teacher", "unimatch", "cps4")
 DEFAULT_METHOD = "cps4"
 # A refinement round retrains from human corrections; CPS4 would also need a stage-1 run.
 DEFAULT_ROUND_METHOD = "mean-teacher"
+# The semi-supervised method CPS4's fused pseudo-labels are trained with (``--base``).
+BASES: tuple[str, ...] = ("mean-teacher", "unimatch")
+DEFAULT_BASE = "mean-teacher"
 PSEUDO_LABELS: tuple[str, ...] = ("teacher", "prompt", "fused")
+# How each class map's weight in fused pseudo-labels is set (cps4_engine.fusion.class_weights);
+# None picks "reliability" when the stage-1 run recorded class_reliability.json, else "global".
+PROMPT_WEIGHTINGS: tuple[str, ...] = ("global", "reliability")
+# Share of the decoder's input channels dropped in UniMatch's feature-perturbed view (its value).
+DEFAULT_FEATURE_DROPOUT = 0.5
 
 PRESETS: tuple[str, ...] = PRESET_NAMES
 DEFAULT_PRESET = "cpu"

@@ -8,23 +8,42 @@ A MONAI 2D U-Net (the *student*, :mod:`cps4_engine.models.segmenter`) learns fro
   (:func:`~cps4_engine.preprocess.labels_for_ce`) and the Dice of each class is computed
   only where that class's truth is known (:func:`~cps4_engine.preprocess.class_validity`),
   over the classes present in the batch's known pixels.
-* **unlabeled slices** (methods ``mean-teacher`` and ``cps4``): the *teacher*, an
-  exponential moving average (EMA) of the student, sees the weak view and gives its
-  softmax; ``cps4`` combines it with the frozen stage-1 class-prompt maps
+* **unlabeled slices** (methods ``mean-teacher``, ``unimatch`` and ``cps4``), through one
+  of two semi-supervised *bases*:
+
+  - ``mean-teacher``: the *teacher*, an exponential moving average (EMA) of the student,
+    sees the weak view and gives its softmax; the student sees a strong
+    (intensity-corrupted) version of the same weak view and learns cross-entropy towards
+    the pseudo-labels (:func:`consistency_loss`).
+  - ``unimatch`` (weak-to-strong consistency with feature perturbation, after UniMatch,
+    Yang et al., CVPR 2023): the *student itself*, without gradient, gives the softmax of
+    the weak view; that pseudo-label supervises three views in one forward pass: two
+    independently drawn strong views and the weak view with feature dropout on every
+    decoder input (:class:`~cps4_engine.models.segmenter.Segmenter`), weighted 1/4, 1/4
+    and 1/2 (:func:`unimatch_loss`). The student rather than an EMA teacher labels, as in
+    UniMatch: the pseudo-labels follow the current network without the EMA's lag (which
+    matters at a budget of a few thousand steps on a cosine schedule), and the
+    feature-perturbed view, not a slower copy, is what keeps the student from simply
+    confirming itself. The EMA is still kept, as a validation candidate only.
+
+  ``cps4`` runs on either base (``base``, default ``mean-teacher``) and combines the base's
+  weak-view softmax with the frozen stage-1 class-prompt maps
   (:func:`~cps4_engine.fusion.combine_with_teacher`, mode ``teacher``, ``prompt`` or
-  ``fused``) into pseudo-labels. The student sees a strong (intensity-corrupted) version of
-  the same weak view and learns cross-entropy towards pseudo-labels whose confidence
-  reaches ``confidence_threshold``, weighted by a sigmoid ramp-up
-  ``w(t) = w_max * exp(-5 (1 - t / T)^2)`` over the first ``rampup_fraction`` of training.
-  The stage-1 maps are computed once per unlabeled slice before training and cached
-  (float16); the weak augmentation moves them with their image.
+  ``fused``) into pseudo-labels; in ``fused`` pseudo-labels each class map weighs by its
+  stage-1 validation Dice (``prompt_weighting``, :func:`~cps4_engine.fusion.class_weights`).
+  Only pixels whose pseudo-label confidence reaches ``confidence_threshold`` teach, and the
+  unlabeled loss is weighted by a sigmoid ramp-up ``w(t) = w_max * exp(-5 (1 - t / T)^2)``
+  over the first ``rampup_fraction`` of training. The stage-1 maps are computed once per
+  unlabeled slice before training and cached (float16); the weak augmentation moves them
+  with their image.
 
 A partially labeled volume is also part of the unlabeled stream: its painted pixels keep
 their given class (confidence 1) in the pseudo-label, and a pixel outside the painting is
 never pseudo-labeled as a painted class (the annotator painted all of that class).
 
 Methods (the ablation switches): ``supervised`` (labeled slices only), ``mean-teacher``
-(teacher pseudo-labels, no prompts), ``cps4`` (prompts + teacher; default fused).
+(teacher pseudo-labels, no prompts), ``unimatch`` (the student's own weak-view
+pseudo-labels, no prompts), ``cps4`` (prompts + the base's pseudo-labels; default fused).
 
 Intensities: every volume is scaled on its own (0.5th-99.5th percentile to [0, 1],
 :func:`~cps4_engine.preprocess.prepare_volume`), so volumes with different intensity
@@ -32,8 +51,9 @@ ranges (e.g. uint16 scanner values beside float images in [0, 1]) train together
 
 Validation: a split of the *training* volumes (never test volumes) is scored every
 ``validation_every`` steps by 3D Dice over the slices (MONAI ``DiceMetric``); the best of
-student and teacher so far is kept as ``model.safetensors``. The run folder holds
-``config.json`` (``"stage": 2``, the segmenter description, preprocessing), ``model.safetensors``,
+student and teacher (the EMA) so far is kept as ``model.safetensors``. The run folder holds
+``config.json`` (``"stage": 2``, the segmenter description, preprocessing, ``method``,
+``base``, ``prompt_weighting`` and the per-class ``prompt_weights`` used), ``model.safetensors``,
 ``last.safetensors`` (student), ``teacher.safetensors``, ``train_state.safetensors``
 (optimiser, step, generators; for ``resume``), ``history.json`` and ``split.json``.
 
@@ -59,8 +79,8 @@ from cps4_engine.augment import SliceAugmenter
 from cps4_engine.checkpoint import load_weights, read_run_config, write_run_config
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
-from cps4_engine.fusion import combine_with_teacher
-from cps4_engine.options import METHODS
+from cps4_engine.fusion import class_weights, combine_with_teacher, read_class_reliability
+from cps4_engine.options import BASES, DEFAULT_BASE, DEFAULT_FEATURE_DROPOUT, METHODS, PROMPT_WEIGHTINGS
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
@@ -90,6 +110,9 @@ PROMPT_BATCH = 16
 # Labeled slices that show a structure are drawn this many times as often as empty ones
 # (the outer sagittal slices), so few steps are not spent on background alone.
 FOREGROUND_SLICE_WEIGHT = 4.0
+# UniMatch's split of the unlabeled loss: half over the two strong image views, half on
+# the feature-perturbed weak view.
+IMAGE_VIEWS_SHARE = 0.5
 
 
 @dataclass
@@ -100,13 +123,22 @@ class Stage2Config:
         data: a dataset folder (any layout :func:`cps4_engine.data.open_dataset` reads).
         out: the run folder to write.
         labeled: labeled training volumes: a count (int >= 1) or a fraction in (0, 1].
-        method: ``supervised``, ``mean-teacher`` or ``cps4``.
+        method: ``supervised``, ``mean-teacher``, ``unimatch`` or ``cps4``.
+        base: the semi-supervised base of ``cps4``, ``mean-teacher`` or ``unimatch``; None
+            is ``mean-teacher``. Other methods are their own base (None, or their name).
         vlm: the stage-1 run folder (required by ``cps4``).
         pseudo_label: ``teacher``, ``prompt`` or ``fused``; None picks ``fused`` for
-            ``cps4`` and ``teacher`` for ``mean-teacher``.
+            ``cps4`` and ``teacher`` (the base's own softmax) otherwise.
         confidence_threshold: pseudo-labeled pixels below this confidence are ignored.
         prompt_threshold: a stage-1 class map claims a pixel above this probability.
-        prompt_weight: weight of the prompt maps in the ``fused`` pseudo-label.
+        prompt_weight: weight of the prompt maps in the ``fused`` pseudo-label (the
+            largest per-class weight in mode ``reliability``).
+        prompt_weighting: ``global`` or ``reliability``
+            (:func:`~cps4_engine.fusion.class_weights`); None picks ``reliability`` when the
+            stage-1 run holds ``class_reliability.json``, else ``global``. Fused
+            pseudo-labels only.
+        feature_dropout: channel-dropout probability of the feature-perturbed view
+            (``unimatch`` base).
         ema_decay: teacher EMA decay per step.
         unsupervised_weight: maximum weight of the unlabeled loss.
         rampup_fraction: share of ``max_steps`` over which that weight ramps up.
@@ -136,11 +168,14 @@ class Stage2Config:
     out: str | Path
     labeled: int | float = 2
     method: str = "cps4"
+    base: str | None = None
     vlm: str | Path | None = None
     pseudo_label: str | None = None
     confidence_threshold: float = 0.8
     prompt_threshold: float = 0.5
     prompt_weight: float = DEFAULT_PROMPT_WEIGHT
+    prompt_weighting: str | None = None
+    feature_dropout: float = DEFAULT_FEATURE_DROPOUT
     ema_decay: float = 0.99
     unsupervised_weight: float = 1.0
     rampup_fraction: float = 0.4
@@ -218,13 +253,32 @@ def resolve_pseudo_label(method: str, pseudo_label: str | None) -> str | None:
         )
     if method == "supervised":
         return None
-    if method == "mean-teacher":
+    if method != "cps4":
         if pseudo_label not in (None, "teacher"):
             raise CPS4Error(
                 f"--pseudo-label {pseudo_label} needs class-prompt maps; use --method cps4 with --vlm"
             )
         return "teacher"
     return pseudo_label or "fused"
+
+
+def resolve_base(method: str, base: str | None) -> str | None:
+    """The semi-supervised base a method trains its unlabeled slices with (None for ``supervised``).
+
+    ``cps4`` runs on ``base`` (None: ``mean-teacher``, the meaning of runs saved before
+    bases existed); ``mean-teacher`` and ``unimatch`` are their own base.
+
+    Raises:
+        CPS4Error: unknown base, or a base the method cannot take.
+    """
+    if base is not None and base not in BASES:
+        raise CPS4Error(f"--base {base!r} is unknown; choose one of {', '.join(BASES)}")
+    if method == "cps4":
+        return base or DEFAULT_BASE
+    own = None if method == "supervised" else method
+    if base is not None and base != own:
+        raise CPS4Error(f"--base {base} applies to --method cps4 only; --method {method} is its own base")
+    return own
 
 
 def sigmoid_rampup(step: int, rampup_steps: int) -> float:
@@ -305,12 +359,13 @@ def pseudo_labels(
     mode: str,
     confidence_threshold: float,
     prompt_threshold: float = 0.5,
-    prompt_weight: float = DEFAULT_PROMPT_WEIGHT,
+    prompt_weight: float | torch.Tensor = DEFAULT_PROMPT_WEIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels and the mask of pixels confident enough to learn from.
 
     Args:
-        teacher_probs: ``(B, 20, H, W)`` teacher softmax on the weak view.
+        teacher_probs: ``(B, 20, H, W)`` softmax of the base's labelling network on the
+            weak view (the EMA teacher for ``mean-teacher``, the student for ``unimatch``).
         prompt_probs: ``(B, 19, H, W)`` stage-1 class maps on the weak view (modes
             ``prompt`` and ``fused``), or None for ``teacher``.
         given: int64 ``(B, H, W)`` painted classes of partial masks (0 where unknown).
@@ -319,7 +374,8 @@ def pseudo_labels(
             (:func:`cps4_engine.fusion.combine_with_teacher`).
         confidence_threshold: pixels whose pseudo-label confidence is below it are masked.
         prompt_threshold: claim threshold of the class maps (mode ``prompt``).
-        prompt_weight: weight of the class maps (mode ``fused``).
+        prompt_weight: weight of the class maps (mode ``fused``): one number or a ``(19,)``
+            tensor of per-class weights (:func:`~cps4_engine.fusion.class_weights`).
 
     Returns:
         ``(labels, mask)``: int64 ``(B, H, W)`` class ids and bool ``(B, H, W)``. Given
@@ -342,6 +398,44 @@ def pseudo_labels(
     mask = (mask & ~painted_label) | is_given
     labels = torch.where(is_given, given, labels)
     return labels, mask
+
+
+def consistency_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy towards pseudo-labels on the confident pixels, averaged over all pixels.
+
+    Args:
+        logits: ``(B, 20, H, W)`` student logits on a view of the unlabeled slices.
+        targets: int64 ``(B, H, W)`` pseudo-labels.
+        mask: bool ``(B, H, W)``: pixels confident enough to learn from.
+
+    Returns:
+        A scalar: ``sum(CE * mask) / (B H W)`` (masked pixels count as 0, so the loss
+        shrinks as fewer pixels are confident, as in mean teacher and UniMatch).
+    """
+    pixel_ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (pixel_ce * mask).mean()
+
+
+def unimatch_loss(
+    strong_logits: Sequence[torch.Tensor], perturbed_logits: torch.Tensor, targets: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """UniMatch's unlabeled loss: one weak-view pseudo-label supervising image and feature views.
+
+    Args:
+        strong_logits: ``(B, 20, H, W)`` logits of each strong image view (two in UniMatch).
+        perturbed_logits: ``(B, 20, H, W)`` logits of the weak view with feature dropout.
+        targets: int64 ``(B, H, W)`` pseudo-labels from the weak view.
+        mask: bool ``(B, H, W)`` confident pixels.
+
+    Returns:
+        A scalar: ``IMAGE_VIEWS_SHARE * mean_v consistency(strong_v) + (1 - IMAGE_VIEWS_SHARE)
+        * consistency(perturbed)`` (:func:`consistency_loss`), i.e. 1/4, 1/4 and 1/2 with
+        two strong views.
+    """
+    image = torch.stack([consistency_loss(logits, targets, mask) for logits in strong_logits]).mean()
+    feature = consistency_loss(perturbed_logits, targets, mask)
+    return IMAGE_VIEWS_SHARE * image + (1.0 - IMAGE_VIEWS_SHARE) * feature
 
 
 def _load_stacks(
@@ -517,6 +611,7 @@ class Stage2Trainer(StageTask):
     ) -> None:
         self.config = config
         self.pseudo_label_source = resolve_pseudo_label(config.method, config.pseudo_label)
+        self.base = resolve_base(config.method, config.base)
         self.semi_supervised = config.method != "supervised"
         _check_labeled(config.labeled, config.method)
         if config.method == "cps4" and config.vlm is None:
@@ -526,6 +621,7 @@ class Stage2Trainer(StageTask):
             ("--prompt-threshold", config.prompt_threshold, 0.0, 1.0),
             ("--confidence-threshold", config.confidence_threshold, 0.0, 1.0),
             ("--ema-decay", config.ema_decay, 0.0, 1.0),
+            ("--feature-dropout", config.feature_dropout, 0.0, 0.95),
         ):
             if not low <= value <= high:
                 raise CPS4Error(f"{option} {value} must be between {low:g} and {high:g}")
@@ -554,6 +650,9 @@ class Stage2Trainer(StageTask):
         self.out = Path(config.out)
         check_run_folder(self.out, config.resume, stage=2,
                          same_settings={"method": config.method, "data": config.data, "preset": config.preset})
+        if config.resume:
+            self._check_resumed_base()
+        self.prompt_weighting, self.prompt_weights = self._prompt_weights()
         if config.init_weights is not None and not Path(config.init_weights).is_file():
             raise CPS4Error("initial weights file not found", path=config.init_weights)
         self._vlm_loader = vlm_loader or _load_vlm
@@ -565,6 +664,35 @@ class Stage2Trainer(StageTask):
             resume=config.resume, amp=config.amp, schedule=config.schedule, warmup_fraction=WARMUP_FRACTION,
             floor=0.0, gradient_clip=config.gradient_clip,
         ))
+
+    def _check_resumed_base(self) -> None:
+        recorded = read_run_config(self.out, stage=2, scheme=SCHEME_NAME)
+        # Runs saved before bases existed trained cps4 on mean teacher.
+        started = recorded.get("base", resolve_base(self.config.method, None))
+        if started != self.base:
+            raise CPS4Error(
+                f"was started with base {started!r}, not {self.base!r}; resume with the same settings "
+                "or choose another --out", path=self.out,
+            )
+
+    def _prompt_weights(self) -> tuple[str | None, list[float] | None]:
+        """The weighting mode and the 19 per-class weights of fused pseudo-labels (None, None
+        when the pseudo-labels are not fused)."""
+        mode = self.config.prompt_weighting
+        if mode is not None and mode not in PROMPT_WEIGHTINGS:
+            raise CPS4Error(f"--prompt-weighting {mode!r} is unknown; choose one of {', '.join(PROMPT_WEIGHTINGS)}")
+        if self.pseudo_label_source != "fused":
+            if mode is not None:
+                raise CPS4Error(f"--prompt-weighting {mode} weighs fused pseudo-labels; this run's are "
+                                f"{self.pseudo_label_source or 'not used'} (use --method cps4 --pseudo-label fused)")
+            return None, None
+        reliability = read_class_reliability(self.config.vlm)  # type: ignore[arg-type]
+        if mode == "reliability" and reliability is None:
+            raise CPS4Error("--prompt-weighting reliability needs the stage-1 run's class_reliability.json "
+                            "(pretrain it again with this version, or use --prompt-weighting global)",
+                            path=self.config.vlm)
+        mode = mode or ("reliability" if reliability is not None else "global")
+        return mode, class_weights(mode, self.config.prompt_weight, reliability)
 
     def _split(self) -> Any:
         from cps4_engine.data import open_dataset, split_cases
@@ -616,7 +744,10 @@ class Stage2Trainer(StageTask):
             "schedule": self.config.schedule,
             "gradient_clip": self.config.gradient_clip,
             "method": self.config.method,
+            "base": self.base,
             "pseudo_label": self.pseudo_label_source,
+            "prompt_weighting": self.prompt_weighting,
+            "prompt_weights": self.prompt_weights,
             "vlm": str(Path(self.config.vlm).resolve()) if self.config.vlm is not None else None,
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,
@@ -688,8 +819,9 @@ class Stage2Trainer(StageTask):
 
     def start_message(self) -> str:
         context = self.context
+        method = self.config.method + (f" on {self.base}" if self.config.method == "cps4" else "")
         return (
-            f"stage 2 {self.config.method}: {len(self.split.labeled)} labeled, "
+            f"stage 2 {method}: {len(self.split.labeled)} labeled, "
             f"{len(self.split.unlabeled)} unlabeled, {len(self.split.validation)} validation "
             f"volumes; {len(self.labeled)} labeled / {len(self.unlabeled)} unlabeled slices on {context.device}"
             + (f" x{context.world_size} processes" if context.distributed else "")
@@ -716,38 +848,55 @@ class Stage2Trainer(StageTask):
         config, device = self.config, self.context.device
         labeled = next(self.labeled_batches)
         weak_labeled = self.augmenter.weak({"image": labeled["image"].to(device), "label": labeled["label"].to(device)})
-        inputs = [weak_labeled["image"]]
-        semi = self.unlabeled_batches is not None
-        if semi:
-            unlabeled = next(self.unlabeled_batches)  # type: ignore[arg-type]
-            views = {"image": unlabeled["image"].to(device), "label": unlabeled["label"].to(device)}
-            if self.prompt_cache is not None:
-                views["prompt"] = self.prompt_cache[unlabeled["index"].to(self.prompt_cache.device)].to(device).float()
-            weak_unlabeled = self.augmenter.weak(views)
-            self.teacher.eval()  # type: ignore[union-attr]
-            with torch.no_grad():
-                teacher_probs = torch.softmax(self.teacher(weak_unlabeled["image"]).float(), dim=1)  # type: ignore[misc]
-            targets, mask = pseudo_labels(
-                teacher_probs, weak_unlabeled.get("prompt"), weak_unlabeled["label"],
-                unlabeled["painted"].to(device), self.pseudo_label_source or "teacher",
-                config.confidence_threshold, config.prompt_threshold, config.prompt_weight,
-            )
-            inputs.append(self.augmenter.strong(weak_unlabeled["image"]))
-        logits = self.trained(torch.cat(inputs)).float()
         count = weak_labeled["image"].shape[0]
+        if self.unlabeled_batches is None:
+            logits = self.trained(weak_labeled["image"]).float()
+            dice, ce = supervised_loss(logits, weak_labeled["label"], labeled["partial"].to(device),
+                                       labeled["painted"].to(device))
+            total = dice + ce
+            return total, {"dice_loss": float(dice.detach()), "ce": float(ce.detach()), "total": float(total.detach())}
+
+        unlabeled = next(self.unlabeled_batches)
+        views = {"image": unlabeled["image"].to(device), "label": unlabeled["label"].to(device)}
+        if self.prompt_cache is not None:
+            views["prompt"] = self.prompt_cache[unlabeled["index"].to(self.prompt_cache.device)].to(device).float()
+        weak_unlabeled = self.augmenter.weak(views)
+        weak_images = weak_unlabeled["image"]
+        # Mean teacher labels with its EMA teacher; UniMatch with the student itself.
+        labeller = self.teacher if self.base == "mean-teacher" else self.student
+        if labeller is self.teacher:
+            self.teacher.eval()  # type: ignore[union-attr]
+        with torch.no_grad():
+            weak_probs = torch.softmax(labeller(weak_images).float(), dim=1)  # type: ignore[misc]
+        targets, mask = pseudo_labels(
+            weak_probs, weak_unlabeled.get("prompt"), weak_unlabeled["label"],
+            unlabeled["painted"].to(device), self.pseudo_label_source or "teacher",
+            config.confidence_threshold, config.prompt_threshold, self._fused_weights(device),
+        )
+        if self.base == "unimatch":
+            # One pass: labeled, two strong views, and the weak view with feature dropout (last rows).
+            views_in = [weak_labeled["image"], self.augmenter.strong(weak_images),
+                        self.augmenter.strong(weak_images), weak_images]
+            logits = self.trained(torch.cat(views_in), perturbed_rows=weak_images.shape[0],
+                                  feature_dropout=config.feature_dropout).float()
+            first, second, perturbed = logits[count:].chunk(3)
+            unsupervised = unimatch_loss([first, second], perturbed, targets, mask)
+        else:
+            logits = self.trained(torch.cat([weak_labeled["image"], self.augmenter.strong(weak_images)])).float()
+            unsupervised = consistency_loss(logits[count:], targets, mask)
         dice, ce = supervised_loss(logits[:count], weak_labeled["label"], labeled["partial"].to(device),
                                    labeled["painted"].to(device))
-        total = dice + ce
-        losses = {"dice_loss": float(dice.detach()), "ce": float(ce.detach())}
-        if semi:
-            weight = config.unsupervised_weight * sigmoid_rampup(step, self.rampup_steps)
-            pixel_ce = F.cross_entropy(logits[count:], targets, reduction="none")
-            unsupervised = (pixel_ce * mask).mean()
-            total = total + weight * unsupervised
-            losses.update(unsupervised=float(unsupervised.detach()), weight=weight,
-                          confident=float(mask.float().mean()))
-        losses["total"] = float(total.detach())
-        return total, losses
+        weight = config.unsupervised_weight * sigmoid_rampup(step, self.rampup_steps)
+        total = dice + ce + weight * unsupervised
+        return total, {"dice_loss": float(dice.detach()), "ce": float(ce.detach()),
+                       "unsupervised": float(unsupervised.detach()), "weight": weight,
+                       "confident": float(mask.float().mean()), "total": float(total.detach())}
+
+    def _fused_weights(self, device: torch.device) -> float | torch.Tensor:
+        """The class maps' weights for :func:`pseudo_labels` (the global weight unless fused)."""
+        if self.prompt_weights is None:
+            return self.config.prompt_weight
+        return torch.tensor(self.prompt_weights, device=device)
 
 
 def iter_train(config: Stage2Config, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
