@@ -1,7 +1,8 @@
 """``cps4 bench``: the stage-2 benchmark table of ``../shared/BENCHMARK_PROTOCOL.md``.
 
-For every dataset, seed and labeled count it trains supervised-only, mean-teacher and
-CPS4 (the stage-1 model pretrained on the same labeled volumes), plus full supervision
+For every dataset, seed and labeled count it trains the methods of :data:`BENCH_METHODS`
+(supervised-only, mean teacher, UniMatch, CPS4 on mean teacher and CPS4 on UniMatch, the
+stage-1 model pretrained on the same labeled volumes), plus full supervision
 (every training volume labeled but the validation ones) as the ceiling, and scores each
 run's predictions on the test volumes in their own geometry (Dice and HD95 per case,
 :func:`cps4_engine.metrics.case_metrics`). It also measures
@@ -42,8 +43,16 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.layouts import image_extension, mrspineseg_case_paths
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
-SEMI_SUPERVISED = ("mean-teacher", "cps4")
-METHOD_ORDER = ("supervised", "mean-teacher", "cps4")
+# A benchmark row's method name -> the stage-2 method and base it trains with.
+BENCH_METHODS: dict[str, tuple[str, str | None]] = {
+    "supervised": ("supervised", None),
+    "mean-teacher": ("mean-teacher", None),
+    "unimatch": ("unimatch", None),
+    "cps4": ("cps4", "mean-teacher"),
+    "cps4-unimatch": ("cps4", "unimatch"),
+}
+SEMI_SUPERVISED = tuple(name for name, (method, _) in BENCH_METHODS.items() if method != "supervised")
+METHOD_ORDER = tuple(BENCH_METHODS)
 FULL = "full"
 LARGEST_REAL_SET = "vb2_t11l5_t2"
 
@@ -97,6 +106,8 @@ class BenchSettings:
         freeze_text_encoder: stage 1 keeps the text backbone fixed (only its projection
             trains); False fine-tunes it.
         prompt_weight: weight of the prompt maps in CPS4's fused pseudo-labels.
+        methods: the rows of :data:`BENCH_METHODS` to run at each labeled count (the
+            full-supervision ceiling follows ``full_supervision``).
         time_largest_real: also time prediction on the largest real volume.
         command: the command line that started the benchmark (recorded in the report).
     """
@@ -116,6 +127,7 @@ class BenchSettings:
     text_encoder: str | None = None
     freeze_text_encoder: bool = True
     prompt_weight: float = DEFAULT_PROMPT_WEIGHT
+    methods: tuple[str, ...] = METHOD_ORDER
     time_largest_real: bool = True
     command: str = ""
 
@@ -343,9 +355,10 @@ def _train_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
         shutil.rmtree(out)
     vlm_run = task.payload.get("vlm_run")
     began = time.perf_counter()
+    method, base = BENCH_METHODS[task.method]
     train(Stage2Config(
         data=task.payload["train_dir"], out=out, labeled=task.payload["labeled_count"],
-        method=task.method, vlm=vlm_run, preset=settings["preset"], max_steps=settings["max_steps"],
+        method=method, base=base, vlm=vlm_run, preset=settings["preset"], max_steps=settings["max_steps"],
         device=settings["device"], seed=task.seed, validation=settings["validation"],
         prompt_weight=settings["prompt_weight"],
     ))
@@ -493,9 +506,11 @@ def _plan(datasets: list[PreparedDataset], settings: BenchSettings) -> tuple[lis
                 payload = dict(base, labeled_count=count)
                 vlm = Task("vlm", dataset.name, seed, count, payload=dict(payload))
                 first.append(vlm)
-                for method in ("supervised", "mean-teacher"):
-                    first.append(Task("train", dataset.name, seed, count, method, dict(payload)))
-                waiting[vlm.key] = [Task("train", dataset.name, seed, count, "cps4", dict(payload))]
+                for method in settings.methods:
+                    if BENCH_METHODS[method][0] != "cps4":
+                        first.append(Task("train", dataset.name, seed, count, method, dict(payload)))
+                waiting[vlm.key] = [Task("train", dataset.name, seed, count, method, dict(payload))
+                                    for method in settings.methods if BENCH_METHODS[method][0] == "cps4"]
             if settings.full_supervision:
                 full = dataset.train_count - _validation_count(settings, dataset.train_count)
                 first.append(Task("train", dataset.name, seed, FULL, "supervised",
@@ -519,7 +534,7 @@ def summarize_results(results: dict[str, dict[str, Any]], settings: BenchSetting
     for protocol in settings.protocols:
         counts: list[int | str] = list(protocol.labeled) + ([FULL] if settings.full_supervision else [])
         for count in counts:
-            methods = ("supervised",) if count == FULL else METHOD_ORDER
+            methods = ("supervised",) if count == FULL else [m for m in METHOD_ORDER if m in settings.methods]
             for method in methods:
                 runs = [results.get(Task("train", protocol.name, seed, count, method).key, {}) for seed in settings.seeds]
                 dice = _mean_sd([r.get("dice") for r in runs])
@@ -535,7 +550,8 @@ def summarize_results(results: dict[str, dict[str, Any]], settings: BenchSetting
                              "all_levels_right": [r.get("cases_all_levels_right") for r in runs if "dice" in r],
                              "train_seconds": seconds[0], "runs": dice[2], "errors": errors})
                 if method in SEMI_SUPERVISED:
-                    sources = ("teacher", "prompt", "fused") if method == "cps4" else ("teacher",)
+                    with_prompts = BENCH_METHODS[method][0] == "cps4"
+                    sources = ("teacher", "prompt", "fused") if with_prompts else ("teacher",)
                     for source in sources:
                         values = [r.get("pseudo_label_dice", {}).get(source) for r in runs]
                         mean, sd, n = _mean_sd(values)
@@ -625,6 +641,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     out.mkdir(parents=True, exist_ok=True)
     if settings.jobs < 1:
         raise CPS4Error(f"--jobs {settings.jobs} must be at least 1")
+    unknown = [method for method in settings.methods if method not in BENCH_METHODS]
+    if unknown or not settings.methods:
+        raise CPS4Error(f"bench methods {','.join(unknown) or '(none)'} unknown; choose from {', '.join(BENCH_METHODS)}")
     datasets = [prepare_dataset(protocol, settings) for protocol in settings.protocols]
     plain = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(settings).items()}
     plain["protocols"] = [asdict(p) for p in settings.protocols]
