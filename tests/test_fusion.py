@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from cps4_engine.errors import CPS4Error
 from cps4_engine.fusion import (
+    class_weights,
     combine_with_teacher,
     fuse_class_maps,
     fused_confidence,
     prompt_distribution,
+    read_class_reliability,
 )
 
 
@@ -130,3 +137,94 @@ def test_combine_rejects_bad_arguments() -> None:
         combine_with_teacher(teacher, torch.zeros(19, 4), prompt_weight=1.5)
     with pytest.raises(ValueError, match="differ"):
         combine_with_teacher(teacher, torch.zeros(19, 5))
+
+
+def test_per_class_weights_use_the_weight_of_the_class_map_speaking_at_each_pixel() -> None:
+    # pixel 0: class 6's map speaks (weight 0.5): half teacher, half prompt distribution;
+    # pixel 1: class 2's map speaks (weight 0): the teacher alone.
+    teacher = _teacher([{0: 0.3, 4: 0.4, 6: 0.3}, {0: 0.05, 4: 0.95}])
+    prompts = _prompt_maps({6: [0.9, 0.0], 2: [0.0, 0.7]}, 2)
+    weights = torch.zeros(19)
+    weights[6 - 1] = 0.5
+    result = combine_with_teacher(teacher, prompts, mode="fused", prompt_weight=weights)
+    assert result.labels.tolist() == [6, 4]
+    assert torch.allclose(result.confidence, torch.tensor([0.6, 0.95]))
+    assert torch.allclose(result.probabilities[:, 0][[0, 4, 6]], torch.tensor([0.2, 0.2, 0.6]))
+    assert torch.equal(result.probabilities[:, 1], teacher[:, 1])
+
+
+def test_equal_per_class_weights_equal_the_global_weight() -> None:
+    torch.manual_seed(1)
+    teacher = torch.softmax(torch.randn(2, 20, 4, 4), dim=1)
+    prompts = torch.rand(2, 19, 4, 4)
+    one = combine_with_teacher(teacher, prompts, prompt_weight=0.25, class_dim=1)
+    each = combine_with_teacher(teacher, prompts, prompt_weight=torch.full((19,), 0.25), class_dim=1)
+    assert torch.equal(one.labels, each.labels) and torch.equal(one.probabilities, each.probabilities)
+
+
+def test_per_class_weights_of_another_shape_or_range_are_rejected() -> None:
+    teacher = torch.full((20, 4), 0.05)
+    with pytest.raises(ValueError, match="shape"):
+        combine_with_teacher(teacher, torch.zeros(19, 4), prompt_weight=torch.zeros(20))
+    with pytest.raises(ValueError, match="prompt_weight"):
+        combine_with_teacher(teacher, torch.zeros(19, 4), prompt_weight=torch.full((19,), 1.5))
+
+
+def test_global_weighting_gives_every_class_the_prompt_weight() -> None:
+    assert class_weights("global", 0.25, None) == [0.25] * 19
+    assert class_weights("global", 0.4, [0.1] * 19) == [0.4] * 19
+
+
+def test_reliability_weighting_ramps_from_the_floor_to_the_ceiling() -> None:
+    # floor 0.3 -> 0, ceiling 0.8 and above -> the full weight, linear between.
+    dice = [0.3, 0.8, 0.55, 0.9, 0.1, 0.425] + [None] * 13
+    weights = class_weights("reliability", 0.4, dice)
+    assert weights[:6] == pytest.approx([0.0, 0.4, 0.2, 0.4, 0.0, 0.1])
+    # classes without a Dice get the mean weight of those with one: (0 + .4 + .2 + .4 + 0 + .1) / 6
+    assert weights[6:] == pytest.approx([1.1 / 6] * 13)
+
+
+def test_reliability_weighting_without_any_measured_class_is_the_global_weight() -> None:
+    assert class_weights("reliability", 0.25, [None] * 19) == [0.25] * 19
+
+
+def test_class_weights_reject_unknown_modes_and_missing_values() -> None:
+    with pytest.raises(ValueError, match="unknown prompt weighting"):
+        class_weights("vote", 0.25, None)
+    with pytest.raises(ValueError, match="needs 19"):
+        class_weights("reliability", 0.25, None)
+
+
+def _write_reliability(run: Path, record: object) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "class_reliability.json"
+    path.write_text(record if isinstance(record, str) else json.dumps(record))
+    return path
+
+
+def test_class_reliability_is_read_with_nulls_and_missing_files_are_none(tmp_path: Path) -> None:
+    assert read_class_reliability(tmp_path) is None
+    dice = [0.5, None] + [0.75] * 17
+    _write_reliability(tmp_path, {"dice": dice, "score": 0.7, "step": 40, "volumes": 2})
+    assert read_class_reliability(tmp_path) == dice
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ("{not json", "unreadable class reliability"),
+        ([0.5] * 19, "must be an object"),
+        ({"dice": [0.5] * 18, "step": 1, "volumes": 1}, "'dice' must list 19"),
+        ({"dice": [0.5] * 18 + [1.5], "step": 1, "volumes": 1}, "'dice[18]' is 1.5"),
+        ({"dice": ["high"] + [0.5] * 18, "step": 1, "volumes": 1}, "'dice[0]'"),
+        ({"dice": [True] + [0.5] * 18, "step": 1, "volumes": 1}, "'dice[0]' is true"),
+        ('{"dice": [NaN' + ', 0.5' * 18 + '], "step": 1, "volumes": 1}', "'dice[0]' is NaN"),
+        ({"dice": [0.5] * 19, "volumes": 1}, "'step' is null"),
+        ({"dice": [0.5] * 19, "step": 1, "volumes": -1}, "'volumes' is -1"),
+    ],
+)
+def test_malformed_class_reliability_is_a_one_line_error(tmp_path: Path, record: object, message: str) -> None:
+    path = _write_reliability(tmp_path, record)
+    with pytest.raises(CPS4Error, match=re.escape(message)) as error:
+        read_class_reliability(tmp_path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

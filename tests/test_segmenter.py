@@ -46,3 +46,43 @@ def test_missing_field_is_a_one_line_error() -> None:
     del config["channels"]
     with pytest.raises(CPS4Error, match="channels"):
         build_segmenter(config)
+
+
+def _monai_unet(config: dict) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=config["in_channels"], out_channels=config["out_channels"],
+                channels=tuple(config["channels"]), strides=tuple(config["strides"]),
+                num_res_units=config["num_res_units"], norm=config["norm"], dropout=config["dropout"])
+
+
+def test_weights_of_a_plain_monai_unet_load_and_give_the_same_logits() -> None:
+    config = segmenter_config(get_preset("cpu"))
+    torch.manual_seed(0)
+    plain = _monai_unet(config)
+    ours = build_segmenter(config)
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(plain.state_dict())
+    images = torch.rand(2, config["in_channels"], *config["slice_size"])
+    assert torch.equal(ours(images), plain(images))
+
+
+def test_feature_dropout_perturbs_only_the_last_rows_in_train_mode() -> None:
+    config = segmenter_config(get_preset("tiny"))
+    torch.manual_seed(0)
+    model = build_segmenter(config).train()
+    images = torch.rand(3, 1, *config["slice_size"])
+    plain = model(images)
+    perturbed = model(images, perturbed_rows=2, feature_dropout=0.5)
+    assert torch.equal(perturbed[0], plain[0])
+    assert all(float((perturbed[row] - plain[row]).abs().max()) > 1e-3 for row in (1, 2))
+    assert torch.equal(model(images, perturbed_rows=2, feature_dropout=0.0), plain)
+    model.eval()
+    assert torch.equal(model(images, perturbed_rows=3), plain)
+
+
+def test_perturbed_rows_outside_the_batch_are_refused() -> None:
+    model = build_segmenter(get_preset("tiny"))
+    images = torch.rand(2, 1, *get_preset("tiny").slice_size)
+    with pytest.raises(ValueError, match="perturbed_rows"):
+        model(images, perturbed_rows=3)
