@@ -22,7 +22,9 @@ benchmarks rely on that order.
 
 Partial masks: a sidecar ``<mask name without .nii/.nii.gz>.cps4.json`` next to the
 mask, ``{"painted": [3, 4], "complete": false}``, says only those classes were painted;
-elsewhere the truth is unknown, not background.
+near them, along the spine, the truth is unknown, not background; far from them it is
+background (:func:`load_case` marks which is which,
+:func:`cps4_engine.preprocess.mark_known_background`).
 """
 
 from __future__ import annotations
@@ -382,7 +384,10 @@ def load_case(case: Case, scheme: LabelScheme | None = None) -> tuple[Volume, Vo
         scheme: label values must be ids of this scheme (MRSpineSeg if None).
 
     Returns:
-        ``(image, label)``; label is None for an unlabeled case.
+        ``(image, label)``; label is None for an unlabeled case. A partial case's label
+        comes marked (:func:`cps4_engine.preprocess.mark_known_background`): int16, 0 only
+        where background is known, :data:`~cps4_engine.preprocess.UNKNOWN_LABEL` where
+        the class is unknown.
 
     Raises:
         CPS4Error: any problem :func:`~cps4_engine.io.read_volume` finds, a mask whose
@@ -396,6 +401,10 @@ def load_case(case: Case, scheme: LabelScheme | None = None) -> tuple[Volume, Vo
 
     check_same_grid(image, label, what="mask")
     (scheme or mrspineseg_scheme()).check_values(np.unique(label.array), path=case.label_path)
+    if case.is_partial:
+        from cps4_engine.preprocess import mark_known_background
+
+        label = Volume(mark_known_background(label.array, label.affine), label.affine, label.path)
     return image, label
 
 
@@ -551,6 +560,7 @@ def split_warnings(split: Split) -> list[str]:
         warnings.append("no validation volumes: no Dice is measured while training and no best "
                         "model is chosen; label more volumes or use fewer as labeled")
     if split.labeled and all(case.is_partial for case in split.labeled):
-        warnings.append("every labeled mask is partial: unpainted voxels are unknown, so nothing "
-                        "teaches background; complete one mask (every unpainted voxel background)")
+        warnings.append("every labeled mask is partial: background is learned only away from the "
+                        "spine (beyond 30 mm of the painted structures), not between vertebrae; "
+                        "complete one mask (every unpainted voxel background) for sharp outlines")
     return warnings

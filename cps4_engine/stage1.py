@@ -51,7 +51,7 @@ from cps4_engine.losses import Stage1Loss, Stage1LossWeights, one_hot_targets
 from cps4_engine.models.image_encoder import build_image_encoder
 from cps4_engine.models.text import load_text_encoder
 from cps4_engine.models.vlm import CLASS_MAPS, VLM
-from cps4_engine.preprocess import class_validity, prepare_volume
+from cps4_engine.preprocess import UNKNOWN_LABEL, class_validity, prepare_volume
 from cps4_engine.presets import Preset, get_preset
 from cps4_engine.training import (
     HISTORY_FILE,
@@ -218,7 +218,8 @@ def load_slices(cases: Sequence[Any], size: tuple[int, int], keep_aspect: bool =
 
 def batch_validity(labels: torch.Tensor, painted: Sequence[tuple[int, ...] | None], num_classes: int) -> torch.Tensor:
     """Where each class's truth is known, for a batch mixing volumes: bool ``(B, C, H, W)``."""
-    return torch.cat([class_validity(labels[i : i + 1], painted[i], num_classes) for i in range(labels.shape[0])])
+    return torch.cat([class_validity(labels[i : i + 1], painted[i], num_classes, unknown=UNKNOWN_LABEL)
+                      for i in range(labels.shape[0])])
 
 
 def _one_hot_volume(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

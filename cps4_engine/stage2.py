@@ -84,7 +84,10 @@ from cps4_engine.options import BASES, DEFAULT_BASE, DEFAULT_FEATURE_DROPOUT, ME
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
+    UNKNOWN_LABEL,
     SliceStack,
+    ce_targets,
+    known_pixels,
     prepare_volume,
     with_context,
 )
@@ -328,13 +331,9 @@ def supervised_loss(
     """
     from monai.losses import DiceLoss
 
-    # class_validity and labels_for_ce for every row at once: complete rows know every
-    # class everywhere; partial rows know their painted classes everywhere and every class
-    # on painted pixels.
-    painted_pixels = (labels != 0).unsqueeze(1)
-    known_classes = (~partial).unsqueeze(1) | painted
-    validity = (known_classes[:, :, None, None] | painted_pixels).to(logits.dtype)
-    targets = torch.where(partial[:, None, None] & (labels == 0), IGNORE_INDEX, labels.to(torch.int64))
+    # The one rule of partial masks, for every row at once; load_case marked them.
+    validity = known_pixels(labels, partial, painted, unknown=UNKNOWN_LABEL).to(logits.dtype)
+    targets = ce_targets(labels, partial, unknown=UNKNOWN_LABEL)
 
     known = targets != IGNORE_INDEX
     if known.any():
