@@ -12,18 +12,22 @@ import pytest
 import torch
 
 from _stage2_data import CountingVLM, mark_partial, phantom, write_dataset, write_stage1_run
+from cps4_engine import distributed
 from cps4_engine.checkpoint import load_weights
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken
+from cps4_engine.fusion import RELIABILITY_CEILING, RELIABILITY_FLOOR
 from cps4_engine.io import Volume
 from cps4_engine.preprocess import prepare_volume
 from cps4_engine.stage2 import (
     Stage2Config,
     Stage2Trainer,
+    consistency_loss,
     iter_train,
     pseudo_labels,
     sigmoid_rampup,
     supervised_loss,
+    unimatch_loss,
     update_ema,
 )
 
@@ -264,6 +268,12 @@ def test_initial_weights_of_another_preset_are_a_one_line_error(dataset: Path, t
         ({"prompt_weight": 1.5}, "--prompt-weight 1.5 must be between 0 and 1"),
         ({"ema_decay": -0.1}, "--ema-decay"),
         ({"init_weights": "missing.safetensors"}, "initial weights file not found"),
+        ({"method": "unimatch", "pseudo_label": "fused"}, "needs class-prompt maps"),
+        ({"method": "mean-teacher", "base": "fixmatch"}, "--base 'fixmatch' is unknown"),
+        ({"method": "mean-teacher", "base": "unimatch"}, "--base unimatch applies to --method cps4 only"),
+        ({"method": "supervised", "base": "mean-teacher"}, "applies to --method cps4 only"),
+        ({"method": "unimatch", "prompt_weighting": "global"}, "--prompt-weighting global weighs fused"),
+        ({"method": "unimatch", "feature_dropout": 1.0}, "--feature-dropout 1.0 must be between 0 and 0.95"),
     ],
 )
 def test_bad_input_is_a_one_line_error(dataset: Path, tmp_path: Path, overrides: dict, message: str) -> None:
@@ -289,3 +299,155 @@ def test_resume_refuses_another_method(dataset: Path, tmp_path: Path) -> None:
     _run(Stage2Trainer(_config(dataset, out, max_steps=2)))
     with pytest.raises(CPS4Error, match="was started with method 'supervised', not 'mean-teacher'"):
         Stage2Trainer(_config(dataset, out, max_steps=4, method="mean-teacher", resume=True))
+
+
+def _constant_logits(classes: list[int], strength: float) -> torch.Tensor:
+    """``(1, 20, 1, len(classes))`` logits: ``strength`` at each pixel's class, 0 elsewhere."""
+    logits = torch.zeros(1, 20, 1, len(classes))
+    for pixel, class_id in enumerate(classes):
+        logits[0, class_id, 0, pixel] = strength
+    return logits
+
+
+def test_weak_to_strong_loss_is_zero_when_every_view_agrees_with_a_perfect_weak_prediction() -> None:
+    weak = torch.softmax(_constant_logits([4, 0], 40.0), dim=1)
+    targets, mask = pseudo_labels(weak, None, torch.zeros(1, 1, 2, dtype=torch.int64),
+                                  torch.zeros(1, 20, dtype=torch.bool), "teacher", confidence_threshold=0.95)
+    assert targets.tolist() == [[[4, 0]]] and mask.all()
+    agreeing = _constant_logits([4, 0], 40.0)
+    assert float(unimatch_loss([agreeing, agreeing], agreeing, targets, mask)) < 1e-12
+
+
+def test_weak_to_strong_loss_weighs_the_views_a_quarter_a_quarter_and_a_half() -> None:
+    targets = torch.tensor([[[4, 0]]])
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    uniform = torch.zeros(1, 20, 1, 2)  # CE ln 20 at every pixel
+    right = _constant_logits([4, 0], 40.0)  # CE 0
+    wrong = _constant_logits([7, 7], math.log(19.0))  # p(target) = 1 / (19 + 19): CE ln 38
+    assert float(consistency_loss(uniform, targets, mask)) == pytest.approx(math.log(20.0))
+    assert float(consistency_loss(wrong, targets, mask)) == pytest.approx(math.log(38.0))
+    assert float(unimatch_loss([uniform, right], wrong, targets, mask)) == pytest.approx(
+        0.25 * math.log(20.0) + 0.5 * math.log(38.0))
+    assert float(unimatch_loss([wrong, wrong], right, targets, mask)) == pytest.approx(0.5 * math.log(38.0))
+
+
+def test_weak_to_strong_loss_ignores_pixels_the_weak_view_is_unsure_of() -> None:
+    weak = torch.zeros(1, 20, 1, 2)
+    weak[0, 4, 0, 0] = 0.97  # confident class 4
+    weak[0, 0, 0, 0] = 0.03
+    weak[0, 5, 0, 1] = 0.6  # unsure class 5
+    weak[0, 0, 0, 1] = 0.4
+    targets, mask = pseudo_labels(weak, None, torch.zeros(1, 1, 2, dtype=torch.int64),
+                                  torch.zeros(1, 20, dtype=torch.bool), "teacher", confidence_threshold=0.95)
+    assert mask.tolist() == [[[True, False]]]
+    uniform = torch.zeros(1, 20, 1, 2)
+    # only pixel 0 counts, averaged over both pixels: ln 20 / 2 per view
+    assert float(unimatch_loss([uniform, uniform], uniform, targets, mask)) == pytest.approx(math.log(20.0) / 2)
+    confident_only_wrong = _constant_logits([4, 9], 40.0)
+    assert float(unimatch_loss([confident_only_wrong] * 2, confident_only_wrong, targets, mask)) < 1e-12
+
+
+def _one_step_losses(trainer: Stage2Trainer) -> dict[str, float]:
+    """One step's losses with a teacher that labels every pixel class 7 with certainty."""
+
+    class CertainTeacher(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(images.shape[0], 20, *images.shape[2:])
+            logits[:, 7] = 50.0
+            return logits
+
+    context = distributed.setup("cpu")
+    try:
+        trainer.setup(context)
+        trainer.teacher = CertainTeacher()
+        return trainer.loss(1000)[1]
+    finally:
+        distributed.teardown(context)
+
+
+def test_unimatch_labels_with_the_student_and_mean_teacher_with_the_teacher(dataset: Path, tmp_path: Path) -> None:
+    mean_teacher = _one_step_losses(Stage2Trainer(_config(dataset, tmp_path / "mt", method="mean-teacher")))
+    unimatch = _one_step_losses(Stage2Trainer(_config(dataset, tmp_path / "um", method="unimatch")))
+    assert mean_teacher["confident"] == 1.0  # the certain teacher labelled every pixel
+    assert unimatch["confident"] < 0.5  # an untrained student is rarely 80 % sure
+    assert unimatch["unsupervised"] != mean_teacher["unsupervised"]
+
+
+def test_unimatch_trains_and_records_its_base(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unimatch"
+    trainer = Stage2Trainer(_config(dataset, out, method="unimatch", max_steps=6))
+    events = _run(trainer)
+    steps = [e for e in events if e.kind == "step"]
+    assert len(steps) == 6 and all(math.isfinite(e.losses["unsupervised"]) for e in steps)
+    assert steps[0].losses["weight"] < steps[-1].losses["weight"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["base"], config["pseudo_label"]) == ("unimatch", "unimatch", "teacher")
+    assert config["prompt_weighting"] is None and config["prompt_weights"] is None
+    history = json.loads((out / "history.json").read_text())
+    assert {"dice", "teacher_dice"} <= set(history["validation"][-1])
+
+
+def test_cps4_on_unimatch_fuses_prompt_maps_computed_once(dataset: Path, tmp_path: Path) -> None:
+    vlm = CountingVLM()
+    out = tmp_path / "cps4u"
+    trainer = Stage2Trainer(
+        _config(dataset, out, method="cps4", base="unimatch", vlm=write_stage1_run(tmp_path / "vlm"), max_steps=4),
+        vlm_loader=lambda run, device: vlm,
+    )
+    events = _run(trainer)
+    assert "stage 2 cps4 on unimatch" in events[0].message and vlm.calls == 1
+    assert all(math.isfinite(e.losses["total"]) for e in events if e.kind == "step")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["base"], config["pseudo_label"]) == ("cps4", "unimatch", "fused")
+    # a stage-1 run saved before class_reliability.json existed: one global weight
+    assert config["prompt_weighting"] == "global" and config["prompt_weights"] == [0.25] * 19
+
+
+def test_resumed_unimatch_run_finishes_and_another_base_is_refused(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cancel = CancelToken()
+    for event in iter_train(_config(dataset, out, method="unimatch", max_steps=5), cancel):
+        if event.kind == "step" and event.step == 2:
+            cancel.cancel()
+    resumed = list(iter_train(_config(dataset, out, method="unimatch", max_steps=5, resume=True)))
+    assert [e.step for e in resumed if e.kind == "step"] == [3, 4, 5]
+
+    vlm_run = write_stage1_run(tmp_path / "vlm")
+    cps4 = tmp_path / "cps4"
+    _run(Stage2Trainer(_config(dataset, cps4, method="cps4", base="unimatch", vlm=vlm_run, max_steps=2),
+                       vlm_loader=lambda run, device: CountingVLM()))
+    with pytest.raises(CPS4Error, match="was started with base 'unimatch', not 'mean-teacher'"):
+        Stage2Trainer(_config(dataset, cps4, method="cps4", vlm=vlm_run, max_steps=4, resume=True))
+
+
+def _stage1_with_reliability(run: Path, dice: list) -> Path:
+    write_stage1_run(run)
+    (run / "class_reliability.json").write_text(json.dumps({"dice": dice, "score": 0.6, "step": 10, "volumes": 1}))
+    return run
+
+
+def test_fused_pseudo_labels_weigh_class_maps_by_their_stage1_dice(dataset: Path, tmp_path: Path) -> None:
+    middle = (RELIABILITY_FLOOR + RELIABILITY_CEILING) / 2
+    vlm_run = _stage1_with_reliability(tmp_path / "vlm", [RELIABILITY_CEILING, middle, RELIABILITY_FLOOR] + [None] * 16)
+    trainer = Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=vlm_run, prompt_weight=0.3,
+                                    max_steps=2), vlm_loader=lambda run, device: CountingVLM())
+    _run(trainer)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["prompt_weighting"] == "reliability"
+    assert config["prompt_weights"][:3] == pytest.approx([0.3, 0.15, 0.0])
+    assert config["prompt_weights"][3:] == pytest.approx([0.15] * 16)
+    forced = Stage2Trainer(_config(dataset, tmp_path / "global", method="cps4", vlm=vlm_run, prompt_weight=0.3,
+                                   prompt_weighting="global"))
+    assert forced.prompt_weights == [0.3] * 19
+
+
+def test_reliability_weighting_without_the_file_or_with_a_broken_one_is_a_one_line_error(
+    dataset: Path, tmp_path: Path
+) -> None:
+    old_run = write_stage1_run(tmp_path / "old")
+    with pytest.raises(CPS4Error, match="needs the stage-1 run's class_reliability.json") as error:
+        Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=old_run, prompt_weighting="reliability"))
+    assert "\n" not in str(error.value)
+    broken = _stage1_with_reliability(tmp_path / "broken", [0.5] * 18)
+    with pytest.raises(CPS4Error, match="'dice' must list 19"):
+        Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=broken))
