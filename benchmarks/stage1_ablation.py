@@ -86,6 +86,8 @@ class RunSpec:
             False fine-tunes it.
         centre_prompts: centre the pooled prompt embeddings (``Stage1Config.centre_prompts``).
         attention_weight: weight of each attention loss that the variant keeps.
+        validation: validation volumes carved from the training volumes; the same count as
+            the stage-2 runs that use this stage 1, so the seed draws the same labeled pair.
     """
 
     dataset: str
@@ -105,6 +107,7 @@ class RunSpec:
     freeze_text: bool = True
     centre_prompts: bool = True
     attention_weight: float = 1.0
+    validation: int = 2
 
     @property
     def text_label(self) -> str:
@@ -136,7 +139,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         device=spec.device, text_encoder=spec.text_encoder, seed=spec.seed, token_loss=token, pixel_loss=pixel,
         train_cases=spec.train_cases, validation_every=spec.validation_every,
         freeze_text_encoder=spec.freeze_text, centre_prompts=spec.centre_prompts,
-        token_weight=spec.attention_weight, pixel_weight=spec.attention_weight,
+        token_weight=spec.attention_weight, pixel_weight=spec.attention_weight, validation=spec.validation,
     )
     if (Path(spec.out) / "config.json").is_file():
         planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, help="evaluate at most this many test volumes per run (smoke runs)")
     parser.add_argument("--realdata", type=Path, default=Path(os.environ.get("CPS4_REALDATA", PROJECT_ROOT.parent / "shared" / "realdata")))
     parser.add_argument("--validation-every", type=int, help="steps between validations (default: the preset's)")
+    parser.add_argument("--validation", type=int, default=2,
+                        help="validation volumes carved from the training volumes (as the stage-2 runs: 2)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
     parser.add_argument("--throughput-steps", type=int, default=0, help="also time N training steps with and without AMP")
     parser.add_argument("--throughput-preset", default="paper", help="preset whose throughput is timed (default paper)")
@@ -399,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
                                      validation_every=args.validation_every, freeze_text=freeze,
-                                     centre_prompts=centre, attention_weight=args.attention_weight))
+                                     centre_prompts=centre, attention_weight=args.attention_weight,
+                                     validation=args.validation))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []
     if args.jobs > 1:

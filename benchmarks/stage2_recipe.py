@@ -57,7 +57,8 @@ def run_one(args: argparse.Namespace) -> dict:
         {"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)}
         for c in cases[args.train_cases :]
     ]
-    name = f"{args.dataset}_{args.variant}_{args.method}_l{args.labeled}_s{args.seed}"
+    method = args.method if args.base is None else f"{args.method}-on-{args.base}"
+    name = f"{args.dataset}_{args.variant}_{method}_l{args.labeled}_s{args.seed}"
     if args.dataset == "vb3_l1l5_t1":
         name = name.removeprefix("vb3_l1l5_t1_")
     out = Path(args.out) / name
@@ -66,16 +67,21 @@ def run_one(args: argparse.Namespace) -> dict:
     train(Stage2Config(
         data=args.data, out=out / "run", labeled=args.labeled, method=args.method,
         preset=args.preset, max_steps=args.max_steps, train_cases=args.train_cases, seed=args.seed,
-        device="cpu", validation=args.validation, validation_every=args.validation_every, **overrides,
+        device="cpu", validation=args.validation, validation_every=args.validation_every,
+        vlm=args.vlm, base=args.base, **overrides,
     ))
     seconds = time.perf_counter() - began
-    result = {"variant": args.variant, "method": args.method, "labeled": args.labeled, "seed": args.seed,
+    result = {"variant": args.variant, "method": method, "labeled": args.labeled, "seed": args.seed,
               "dataset": args.dataset, "train_seconds": seconds, "threads": args.threads}
     for levels in (True, False):
         scored = _score_test_volumes(out / "run", test, "cpu", level_step=levels)
         key = "with_level_step" if levels else "without_level_step"
         result[key] = {k: scored[k] for k in ("dice", "level_accuracy", "cases_all_levels_right", "spine_dice")}
         result[key]["cases"] = scored["cases"]
+    if args.method != "supervised":
+        from cps4_engine.bench import pseudo_label_quality
+
+        result["pseudo_labels"] = pseudo_label_quality(out / "run", args.vlm, "cpu")
     history = json.loads((out / "run" / "history.json").read_text())
     result["curve"] = [(e["step"], e.get("dice"), e.get("teacher_dice")) for e in history["validation"]]
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(_variants()), default="default")
     parser.add_argument("--method", default="supervised")
     parser.add_argument("--labeled", type=int, default=13)
+    parser.add_argument("--base", default=None, help="semi-supervised base of --method cps4 (mean-teacher, unimatch)")
+    parser.add_argument("--vlm", type=Path, default=None, help="stage-1 run folder (--method cps4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a set of the real data, or a name for --data")
     parser.add_argument("--data", type=Path, default=None, help="a dataset folder instead of the real data")

@@ -285,7 +285,8 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
     The run's final teacher (``teacher.safetensors``) labels every unlabeled training
     volume of its ``split.json``; with a stage-1 run, the prompt maps and the fused
     pseudo-label (:func:`cps4_engine.fusion.combine_with_teacher`, with the run's prompt
-    threshold and weight) are scored too. The
+    threshold and the weights it fused with, per class where it recorded them) are scored
+    too. The
     labels are restored to each volume's grid and scored like predictions.
 
     Args:
@@ -321,7 +322,11 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
         vlm = classmaps.load_vlm(vlm_run, torch_device)
     size = tuple(config["segmenter"]["slice_size"])
     threshold = float(config["settings"]["prompt_threshold"])
-    prompt_weight = float(config["settings"]["prompt_weight"])
+    # The weights the run fused with: per class when it weighed the maps by reliability.
+    recorded = config.get("prompt_weights")
+    prompt_weight: float | torch.Tensor = (
+        torch.tensor(recorded, dtype=torch.float32) if recorded is not None else float(config["settings"]["prompt_weight"])
+    )
     split = Split.load(run / "split.json")
     scores: dict[str, list[float]] = {"teacher": []}
     if vlm is not None:
