@@ -53,7 +53,7 @@ from qtpy.QtWidgets import (
 )
 
 from cps4_engine.active.workspace import MANIFEST as WORKSPACE_MANIFEST
-from cps4_engine.active.workspace import Workspace, save_mask_version
+from cps4_engine.active.workspace import Workspace, save_mask_version, shared_workspace
 from cps4_engine.data import Case, Dataset, open_dataset
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
@@ -167,16 +167,32 @@ class DataWidget(QWidget):
         """
         path = Path(path)
         if (path / WORKSPACE_MANIFEST).is_file():
-            self.workspace = Workspace.open(path)
+            self._use_workspace(shared_workspace(path))
             self.dataset = None
         else:
             self.dataset = open_dataset(path)
-            self.workspace = None
+            self._use_workspace(None)
             if not self.labeled_set_edit.text() and self.dataset.layout == "mrspineseg":
                 self.labeled_set_edit.setText(str(self.dataset.root))
         self.dataset_edit.setText(str(path))
         self.refresh_cases()
         return self.cases
+
+    def _use_workspace(self, workspace: Workspace | None) -> None:
+        """Show ``workspace`` (the object every dock shares) and follow its rounds."""
+        if self.workspace is not None and self.workspace is not workspace:
+            self.workspace.remove_round_listener(self._round_running_changed)
+        if workspace is not None and workspace is not self.workspace:
+            workspace.add_round_listener(self._round_running_changed)
+        self.workspace = workspace
+        self._round_running_changed(workspace is not None and workspace.round_running)
+
+    def _round_running_changed(self, running: bool) -> None:
+        self.add_button.setEnabled(not running)
+        self.add_button.setToolTip("a retraining round is running on this workspace" if running else "")
+        if not running and self.workspace is not None:
+            self.workspace.reload()
+            self.refresh_cases()
 
     def refresh_cases(self) -> None:
         """Re-read the cases and their status into the table."""

@@ -15,8 +15,12 @@ Embedded in the review widget (its *Refine* tab); usable alone on any labels lay
 - **Save to workspace** stores the layer as a new human label version with the review
   widget's statuses (one vocabulary: the workspace's ``CLASS_STATUSES``).
 - **Retrain** runs a refinement round (:mod:`cps4_engine.active.rounds`) off the GUI
-  thread (saving is off meanwhile, since the round writes the workspace); the plot shows
-  each round's Dice on the held-out cases. Methods, presets and devices (those this
+  thread; **Stop** cancels it (nothing of the round is recorded). While it runs, the
+  workspace refuses human edits (:meth:`cps4_engine.active.workspace.Workspace.begin_round`)
+  and every dock showing it greys out its save buttons. The plot shows each round's Dice
+  on the held-out cases.
+- The panel and the data dock share one workspace object per folder
+  (:func:`cps4_engine.active.workspace.shared_workspace`): no dock keeps its own copy. Methods, presets and devices (those this
   machine has) come from :mod:`cps4_engine.options`.
 """
 
@@ -52,8 +56,9 @@ from qtpy.QtWidgets import (
 
 from cps4_engine.active import correction
 from cps4_engine.active.queue import QueueEntry, review_queue
-from cps4_engine.active.workspace import Workspace, class_status
+from cps4_engine.active.workspace import Workspace, class_status, shared_workspace
 from cps4_engine.errors import CPS4Error
+from cps4_engine.events import CancelToken
 from cps4_engine.io import read_volume
 from cps4_engine.labels import LabelScheme
 from cps4_engine.options import DEFAULT_PRESET, DEFAULT_ROUND_METHOD, METHODS, PRESETS, default_steps, device_choices
@@ -66,6 +71,7 @@ from napari_cps4._layers import (
     scheme_of,
 )
 from napari_cps4._view import prepare_viewer
+from napari_cps4._workers import round_events
 
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
 
@@ -208,6 +214,11 @@ class RefinementPanel(QWidget):
         self.device_combo.addItems(device_choices())
         self.retrain_button = QPushButton("Retrain (next round)")
         self.retrain_button.clicked.connect(reports_errors(self.retrain))
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("cancel the running round; the workspace stays as it was")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(reports_errors(self.stop))
+        self.cancel = CancelToken()
         self.progress_label = QLabel("")
         self.plot = RoundPlot()
         rounds_box = QGroupBox("Rounds")
@@ -217,7 +228,10 @@ class RefinementPanel(QWidget):
         rounds_layout.addRow("preset", self.preset_combo)
         rounds_layout.addRow("steps", self.steps_spin)
         rounds_layout.addRow("device", self.device_combo)
-        rounds_layout.addRow(self.retrain_button)
+        round_buttons = QHBoxLayout()
+        round_buttons.addWidget(self.retrain_button)
+        round_buttons.addWidget(self.stop_button)
+        rounds_layout.addRow(round_buttons)
         rounds_layout.addRow(self.progress_label)
         rounds_layout.addRow(self.plot)
 
@@ -238,7 +252,13 @@ class RefinementPanel(QWidget):
         """Open a workspace folder and show its queue and rounds."""
         if not str(path):
             raise CPS4Error("choose a workspace folder")
-        self.workspace = Workspace.open(path)
+        workspace = shared_workspace(path)
+        if self.workspace is not workspace:
+            if self.workspace is not None:
+                self.workspace.remove_round_listener(self._round_running_changed)
+            workspace.add_round_listener(self._round_running_changed)
+            self.workspace = workspace
+        self._round_running_changed(workspace.round_running)
         self.workspace_edit.setText(str(self.workspace.root))
         self._fill_class_combos(self.workspace.scheme)
         self.refresh_queue()
@@ -412,7 +432,7 @@ class RefinementPanel(QWidget):
 
     def retrain(self) -> GeneratorWorker:
         """Run the next refinement round in a thread worker; the queue and plot refresh at the end."""
-        from cps4_engine.active.rounds import RoundConfig, iter_retrain_round
+        from cps4_engine.active.rounds import RoundConfig
 
         workspace = self._require_workspace()
         if self.worker is not None and self.worker.is_running:
@@ -425,26 +445,39 @@ class RefinementPanel(QWidget):
             max_steps=self.steps_spin.value(),
             device=self.device_combo.currentText(),
         )
-        worker = thread_worker(iter_retrain_round)(workspace, config)
+        workspace.begin_round()  # greys out saving in every dock showing this workspace
+        self.cancel = CancelToken()
+        worker = thread_worker(round_events)(workspace, config, self.cancel)
         worker.yielded.connect(self._round_event)
         worker.finished.connect(self._round_finished)
         worker.errored.connect(self._round_failed)
-        self.retrain_button.setEnabled(False)
-        self.save_button.setEnabled(False)
         self.progress_label.setText(f"round {workspace.current_round + 1}: starting")
         self.worker = worker
         worker.start()
         return worker
 
+    def stop(self) -> None:
+        """Cancel the running round: the trainer stops at its next step, nothing is recorded."""
+        if self.worker is None or not self.worker.is_running:
+            raise CPS4Error("no round is running")
+        self.cancel.cancel()
+        self.progress_label.setText("stopping the round…")
+
+    def _round_running_changed(self, running: bool) -> None:
+        self.retrain_button.setEnabled(not running)
+        self.save_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
     def _round_event(self, event: Any) -> None:
         self.progress_label.setText(event.message or f"{event.kind} {event.step}/{event.max_steps}")
 
     def _round_finished(self) -> None:
-        self.retrain_button.setEnabled(True)
-        self.save_button.setEnabled(True)
         if self.workspace is not None:
-            self.workspace = Workspace.open(self.workspace.root)
+            self.workspace.end_round()
+            self.workspace.reload()
             self.refresh_queue()
+        if self.cancel.cancelled:
+            self.progress_label.setText("round cancelled: the workspace is as it was")
 
     def _round_failed(self, error: Exception) -> None:
         self.progress_label.setText(f"round failed: {error}")

@@ -5,16 +5,26 @@ wrap them with :func:`napari.qt.threading.create_worker`, so the Qt event loop k
 running while torch works (torch releases the GIL inside its kernels). The engine modules
 are imported here, when a widget opens, rather than inside the workers: a first import
 holds the interpreter lock for long stretches and would stall the viewer mid-run.
+
+Training shares the cores with the viewer and with whatever else the machine runs, so a
+worker trains under :func:`background_priority`: torch uses one thread fewer than the
+cores, and the worker thread runs at a lower scheduling priority
+(:data:`WORKER_NICENESS` above the viewer's, Linux per-thread nice), so that the GUI
+thread is scheduled first whenever both are ready.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Literal
+from typing import Any, Generator, Iterator, Literal
 
 import torch
 
+from cps4_engine.active.rounds import iter_retrain_round
 from cps4_engine.device import resolve_device
 from cps4_engine.events import CancelToken, TrainEvent
 from cps4_engine.inference import Prediction, load_segmenter, predict_volume
@@ -23,6 +33,41 @@ from cps4_engine.stage1 import Stage1Config, iter_pretrain
 from cps4_engine.stage2 import Stage2Config, iter_train
 
 Stage = Literal[1, 2]
+WORKER_NICENESS = 10
+"""How much lower (in nice steps) a training worker thread runs than the viewer."""
+
+
+def training_threads() -> int:
+    """Torch threads for a training worker: one fewer than the cores, at least one."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+@contextlib.contextmanager
+def background_priority() -> Iterator[None]:
+    """Run the calling (worker) thread's training in the background of the viewer.
+
+    Sets ``torch.set_num_threads`` to :func:`training_threads` and, where the OS allows a
+    thread its own priority (Linux), raises this thread's nice value by
+    :data:`WORKER_NICENESS`; both are restored on exit (napari reuses pool threads).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, training_threads()))
+    thread = threading.get_native_id()
+    niceness = None
+    try:
+        niceness = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + WORKER_NICENESS))
+    except (AttributeError, OSError):  # no per-thread priority here: threads alone must do
+        niceness = None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if niceness is not None:
+            # Lowering nice again may need privilege (RLIMIT_NICE); refused, the pool
+            # thread stays in the background, where it only ever runs workers.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, thread, niceness)
 
 
 @dataclass
@@ -68,9 +113,10 @@ def training_events(
     try:
         iterate = iter_pretrain if stage == 1 else iter_train
         last: TrainEvent | None = None
-        for event in iterate(config, cancel):
-            last = event
-            yield event
+        with background_priority():
+            for event in iterate(config, cancel):
+                last = event
+                yield event
         run_dir = Path(config.out)
         prediction = None
         if stage == 2 and preview is not None and (run_dir / "model.safetensors").is_file():
@@ -78,6 +124,18 @@ def training_events(
         return TrainingResult(run_dir=run_dir, last_event=last, prediction=prediction)
     finally:
         release_device_memory(device)
+
+
+def round_events(workspace: Any, config: Any, cancel: CancelToken) -> Generator[TrainEvent, None, None]:
+    """A refinement round (:func:`cps4_engine.active.rounds.iter_retrain_round`) in the background.
+
+    Args:
+        workspace: the :class:`cps4_engine.active.workspace.Workspace` to retrain.
+        config: a :class:`cps4_engine.active.rounds.RoundConfig`.
+        cancel: set by the panel's Stop button.
+    """
+    with background_priority():
+        yield from iter_retrain_round(workspace, config, cancel)
 
 
 def predict(run_dir: Path, volume: Volume, device: str = "auto") -> Prediction:

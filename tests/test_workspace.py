@@ -28,6 +28,7 @@ from cps4_engine.active.workspace import (
     class_status,
     mask_versions,
     save_mask_version,
+    shared_workspace,
 )
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import read_volume, write_volume
@@ -461,3 +462,39 @@ def test_dataset_masks_keep_every_version_in_the_same_scheme(tmp_path: Path) -> 
     with pytest.raises(CPS4Error, match="42 are outside"):
         save_mask_version(mask, np.full(SHAPE, 42, np.uint8), AFFINE, image=image)
     assert mask_versions(mask) == versions, "a refused save writes nothing"
+
+
+def test_one_shared_object_per_workspace_folder(tmp_path: Path, cases: list) -> None:
+    Workspace.create(tmp_path / "ws", cases, SCHEME)
+    first = shared_workspace(tmp_path / "ws")
+    assert shared_workspace(str(tmp_path / "ws" / ".." / "ws")) is first
+    elsewhere = Workspace.open(tmp_path / "ws")  # another writer (another process, say)
+    elsewhere.save_human_labels("case2", spine({L4: slice(1, 4)}))
+    again = shared_workspace(tmp_path / "ws")
+    assert again is first and len(first.versions("case2")) == 1, "a later call re-reads the manifest"
+    Workspace.create(tmp_path / "other", cases, SCHEME)
+    assert shared_workspace(tmp_path / "other") is not first
+
+
+def test_a_running_round_refuses_human_edits_and_tells_listeners(tmp_path: Path, cases: list) -> None:
+    workspace = shared_workspace(Workspace.create(tmp_path / "ws", cases, SCHEME).root)
+    heard: list[bool] = []
+    workspace.add_round_listener(heard.append)
+    workspace.begin_round()
+    assert workspace.round_running and heard == [True]
+    with pytest.raises(CPS4Error, match="retraining round is running"):
+        workspace.save_human_labels("case2", spine({L4: slice(1, 4)}))
+    with pytest.raises(CPS4Error, match="retraining round is running"):
+        workspace.set_class_status("case0", L4, "rejected")
+    with pytest.raises(CPS4Error, match="already running"):
+        workspace.begin_round()
+    uncertainty = case_uncertainty(np.full((20, *SHAPE), 0.05, dtype=np.float32))
+    assert workspace.add_prediction("case2", spine({L3: slice(5, 8)}), round_=1, uncertainty=uncertainty) == 1
+    workspace.end_round()
+    workspace.end_round()  # idempotent: listeners hear the end once
+    assert heard == [True, False] and not workspace.round_running
+    assert workspace.save_human_labels("case2", spine({L4: slice(1, 4)})) == 2
+    workspace.remove_round_listener(heard.append)
+    workspace.begin_round()
+    workspace.end_round()
+    assert heard == [True, False]

@@ -56,6 +56,14 @@ Rules:
   ``previous_versions/<mask name>/`` through :func:`save_mask_version`;
   :func:`mask_versions` also lists the ``.prev-<n>`` files of earlier releases.
 
+- **One object per workspace in a process.** :func:`shared_workspace` hands every
+  caller (the data dock, the refine panel) the same :class:`Workspace` for one folder,
+  so no dock holds a stale copy. While a retraining round runs on it
+  (:meth:`Workspace.begin_round` ... :meth:`Workspace.end_round`), human edits
+  (:meth:`Workspace.save_human_labels`, :meth:`Workspace.set_class_status`) are refused
+  in one line, and listeners (:meth:`Workspace.add_round_listener`) hear when a round
+  starts and ends, so the docks can grey out their save buttons.
+
 For the widgets (they hold no logic of their own): review statuses come from
 :data:`CLASS_STATUSES` and are shown with :data:`STATUS_LABELS`; a word typed or stored
 by an older dock goes through :func:`class_status`; saving a reviewed mask into a
@@ -76,10 +84,11 @@ import re
 import secrets
 import shutil
 import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -420,6 +429,32 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+_SHARED: "weakref.WeakValueDictionary[Path, Workspace]" = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_workspace(root: str | Path) -> "Workspace":
+    """The one :class:`Workspace` object of the folder ``root`` in this process.
+
+    The first call opens it (:meth:`Workspace.open`); later calls, for the same folder by
+    any path, return that object with its manifest re-read, for as long as someone holds
+    it. The docks share workspaces this way, so a save made through one is what the other
+    sees and a round running in one blocks human edits in both.
+
+    Raises:
+        CPS4Error: what :meth:`Workspace.open` raises.
+    """
+    key = Path(root).resolve()
+    with _SHARED_LOCK:
+        workspace = _SHARED.get(key)
+        if workspace is None:
+            workspace = Workspace.open(key)
+            _SHARED[key] = workspace
+        else:
+            workspace.reload()
+        return workspace
+
+
 class Workspace:
     """A refinement workspace (see the module doc for the layout and the rules).
 
@@ -445,6 +480,8 @@ class Workspace:
         # other threads using this object (a dock's worker and the GUI thread).
         self._thread_lock = threading.RLock()
         self._lock_held = False
+        self._round_running = False
+        self._round_listeners: list[Callable[[bool], None]] = []
 
     @classmethod
     def create(
@@ -574,8 +611,61 @@ class Workspace:
             return _read_manifest(previous), True
 
     def reload(self) -> None:
-        """Re-read the manifest from disk: see what other writers saved since."""
-        self.manifest, self.recovered = self._load(self.root)
+        """Re-read the manifest from disk: see what other writers saved since.
+
+        Waits for a change another thread is making through this object, so that change
+        is not applied to a manifest this call has already replaced.
+        """
+        with self._thread_lock:
+            self.manifest, self.recovered = self._load(self.root)
+
+    # a retraining round on this object ------------------------------------------------
+
+    @property
+    def round_running(self) -> bool:
+        """Whether a retraining round started with :meth:`begin_round` has not ended."""
+        return self._round_running
+
+    def begin_round(self) -> None:
+        """Mark a retraining round as running: human edits are refused until :meth:`end_round`.
+
+        Raises:
+            CPS4Error: a round is already running on this workspace.
+        """
+        with self._thread_lock:
+            if self._round_running:
+                raise CPS4Error("a retraining round is already running on this workspace", path=self.root)
+            self._round_running = True
+        self._tell_round_listeners(True)
+
+    def end_round(self) -> None:
+        """Mark the running round as ended (finished, failed or cancelled); idempotent."""
+        with self._thread_lock:
+            was_running, self._round_running = self._round_running, False
+        if was_running:
+            self._tell_round_listeners(False)
+
+    def add_round_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(running)`` when a round begins (True) or ends (False).
+
+        Listeners run on the thread that calls :meth:`begin_round` or :meth:`end_round`
+        (the docks: the GUI thread).
+        """
+        self._round_listeners.append(listener)
+
+    def remove_round_listener(self, listener: Callable[[bool], None]) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        if listener in self._round_listeners:
+            self._round_listeners.remove(listener)
+
+    def _tell_round_listeners(self, running: bool) -> None:
+        for listener in list(self._round_listeners):
+            listener(running)
+
+    def _refuse_during_round(self) -> None:
+        if self._round_running:
+            raise CPS4Error("a retraining round is running on this workspace: save when it ends, "
+                            "or press Stop", path=self.root)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -774,8 +864,10 @@ class Workspace:
             The new version number.
 
         Raises:
-            CPS4Error: unknown case, wrong shape, values outside the scheme, bad status.
+            CPS4Error: unknown case, wrong shape, values outside the scheme, bad status,
+                or a retraining round is running on this object (:meth:`begin_round`).
         """
+        self._refuse_during_round()
         labels, affine = self._checked_labels(case_id, labels)
         statuses = {int(class_id): class_status(status) for class_id, status in (statuses or {}).items()}
         with self._change():
@@ -814,8 +906,10 @@ class Workspace:
         """Change one class's status without touching voxels (accept or reject).
 
         Raises:
-            CPS4Error: unknown case, unknown status, or the class is not in the labels.
+            CPS4Error: unknown case, unknown status, the class is not in the labels, or
+                a retraining round is running on this object.
         """
+        self._refuse_during_round()
         status = class_status(status)
         with self._change():
             case = self._case(case_id)
