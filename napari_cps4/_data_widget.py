@@ -185,7 +185,7 @@ class DataWidget(QWidget):
         if workspace is not None and workspace is not self.workspace:
             workspace.add_round_listener(self._round_running_changed)
         self.workspace = workspace
-        self._round_running_changed(workspace is not None and workspace.round_running)
+        self.add_button.setEnabled(workspace is None or not workspace.round_running)
 
     def _round_running_changed(self, running: bool) -> None:
         self.add_button.setEnabled(not running)

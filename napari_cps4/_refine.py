@@ -122,6 +122,7 @@ class RefinementPanel(QWidget):
         self.current_case: str | None = None
         self.queue: list[QueueEntry] = []
         self.worker: GeneratorWorker | FunctionWorker | None = None
+        self._round_workspace: Workspace | None = None  # the workspace the running round writes
 
         self.workspace_edit = QLineEdit()
         self.workspace_edit.setPlaceholderText("workspace folder")
@@ -446,6 +447,7 @@ class RefinementPanel(QWidget):
             device=self.device_combo.currentText(),
         )
         workspace.begin_round()  # greys out saving in every dock showing this workspace
+        self._round_workspace = workspace
         self.cancel = CancelToken()
         worker = thread_worker(round_events)(workspace, config, self.cancel)
         worker.yielded.connect(self._round_event)
@@ -472,8 +474,10 @@ class RefinementPanel(QWidget):
         self.progress_label.setText(event.message or f"{event.kind} {event.step}/{event.max_steps}")
 
     def _round_finished(self) -> None:
+        if self._round_workspace is not None:
+            self._round_workspace.end_round()
+            self._round_workspace = None
         if self.workspace is not None:
-            self.workspace.end_round()
             self.workspace.reload()
             self.refresh_queue()
         if self.cancel.cancelled:

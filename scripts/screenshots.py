@@ -10,11 +10,23 @@ CPU) through the Training widget itself, then opens the sample volume and captur
 run), ``review_widget.png`` (the per-class review of the prediction) and
 ``inspector_widget.png`` (a class prompt's heat map), each of the whole 1366 x 768 window,
 saved with a 256-colour palette to stay well under 300 KB.
+
+With ``--run RUN`` (a trained stage-2 run folder, e.g. one at the real budget) no stage 2
+is trained here: the Training dock shows that run's own curves (its ``history.json``) and
+the review dock segments the shown volume with that run (its *Run inference* button).
+``--image`` and ``--labels`` show a real volume and its mask instead of the sample (a
+model trained on vb3 should be shown on a vb3 volume it never saw)::
+
+    xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python scripts/screenshots.py \
+        --out docs/images --run RUN \
+        --image ../shared/realdata/vb3_l1l5_t1/case20_img.nii.gz \
+        --labels ../shared/realdata/vb3_l1l5_t1/case20_seg.nii.gz
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +74,22 @@ def show_only(viewer: napari.Viewer, docks: dict, name: str) -> None:
         dock.setVisible(other == name)
 
 
+def show_run_history(training, run: Path) -> None:
+    """Fill the Training dock's fields and curves from a finished stage-2 run folder."""
+    config = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    training.stage_combo.setCurrentText(STAGE2)
+    training.out_edit.setText(str(run))
+    training.steps_spin.setValue(int(config["max_steps"]))
+    training.method_combo.setCurrentText(str(config["method"]))
+    training.plot.reset(f"{STAGE2}: {run.parent.name}/{run.name}")
+    for record in history["steps"]:
+        training.plot.add_loss(int(record["step"]), float(record["losses"]["total"]))
+    for record in history["validation"]:
+        training.plot.add_dice(int(record["step"]), float(record["dice"]))
+    wait_for(lambda: not training.plot.busy, 120)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
@@ -69,7 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--stage2-steps", type=int, default=300)
     parser.add_argument("--max-width", type=int, default=1366)
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a trained stage-2 run folder to show instead of training one here")
+    parser.add_argument("--image", type=Path, default=None, help="a NIfTI volume to show instead of the sample")
+    parser.add_argument("--labels", type=Path, default=None, help="its mask (painted from in the data dock)")
     args = parser.parse_args(argv)
+    if args.run is not None and not (args.run / "model.safetensors").is_file():
+        parser.error(f"--run {args.run}: no model.safetensors there (a finished stage-2 run is needed)")
+    if (args.image is None) != (args.labels is None):
+        parser.error("--image and --labels go together")
     work = args.work or Path(tempfile.mkdtemp(prefix="cps4-screens-"))
     data = work / "data"
     write_synthetic_dataset(data, cases=6, seed=7)
@@ -85,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     widgets = {}
     for name in WIDGETS:
         docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-cps4", name, tabify=False)
-    viewer.open_sample("napari-cps4", "spine")
+    if args.image is None:
+        viewer.open_sample("napari-cps4", "spine")
+    else:
+        viewer.open([str(args.image), str(args.labels)], plugin="napari-cps4")
     image, truth = viewer.layers
     truth.visible = False
 
@@ -108,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
 
     training = widgets["Training"]
     show_only(viewer, docks, "Training")
-    for stage, steps, out in ((STAGE1, args.stage1_steps, work / "stage1"), (STAGE2, args.stage2_steps, work / "stage2")):
+    runs = [(STAGE1, args.stage1_steps, work / "stage1")]
+    if args.run is None:
+        runs.append((STAGE2, args.stage2_steps, work / "stage2"))
+    for stage, steps, out in runs:
         training.stage_combo.setCurrentText(stage)
         training.data_edit.setText(str(data))
         training.labeled_edit.setText("2")
@@ -121,13 +163,21 @@ def main(argv: list[str] | None = None) -> None:
         training.start()
         wait_for(lambda: training.worker is None, 1800)
     viewer.layers.remove(labels)
+    if args.run is not None:
+        show_run_history(training, args.run)
     save_screenshot(viewer, args.out / "training_widget.png", args.max_width)
 
     review = widgets["Per-class review"]
     show_only(viewer, docks, "Per-class review")
     review.image_combo.select_layer(image)
-    prediction = training.prediction_layer
-    review.review(prediction, image)
+    if args.run is None:
+        prediction = training.prediction_layer
+        review.review(prediction, image)
+    else:
+        review.run_edit.setText(str(args.run))
+        review.run_inference()
+        wait_for(lambda: review.worker is None, 1800)
+        prediction = review.labels_layer
     review.save_edit.setText(str(work / "reviewed" / "Case1_seg.nii.gz"))
     for row, class_id in enumerate(review.class_ids[:3]):
         review.set_status(class_id, ("accepted", "needs edit", "rejected")[row])

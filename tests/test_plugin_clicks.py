@@ -5,7 +5,7 @@ the end of the walk), with ``qtbot.mouseClick`` on the real buttons, following
 docs/walkthrough.md: open the sample → new labels → paint → add to the labeled set → the
 dataset reopens with the case labeled → train stage 1 and stage 2 (tiny) → Stop, Resume →
 review the pseudo-label → accept / needs edit / reject → save → Refine: new workspace,
-retrain one round (the round plot gets a point), open a queued case, shift levels, swap,
+retrain one round (the round plot gets a point), stop a second one, open a queued case, shift levels, swap,
 relabel, check order, save → the prompt inspector's heat map.
 """
 
@@ -272,6 +272,12 @@ def test_every_button_of_every_dock_by_clicks(docked, qtbot, tmp_path: Path, mon
     assert panel.plot.rounds == [1] and 0.0 <= panel.plot.dice[0] <= 1.0
     queued = [panel.queue_table.item(r, 0).text() for r in range(panel.queue_table.rowCount())]
     assert sorted(queued) == ["Case2", "Case5"]
+    panel.steps_spin.setValue(100_000)  # a round only Stop ends
+    clicks.click(panel.retrain_button)
+    clicks.click(panel.stop_button)
+    qtbot.waitUntil(lambda: panel.retrain_button.isEnabled(), timeout=RUN_TIMEOUT_MS)
+    assert not notes.take_errors()
+    assert panel.plot.rounds == [1] and "cancelled" in panel.progress_label.text()
 
     click_cell(qtbot, panel.queue_table, queued.index("Case2"))
     assert panel.current_case == "Case2"
