@@ -2,11 +2,17 @@
 
 Three subcommands, each printing one markdown table:
 
-- ``prompts [RUN ...] [--text-encoder minilm]``: how far apart the 20 class prompts are —
-  mean and largest pairwise cosine of the pooled prompt embeddings, raw and centred, and
-  the mean norm of the centred embeddings (0 means every prompt collapsed onto one
-  vector). Without a run folder it measures the untrained text encoder's pooled
-  embeddings (projection to the ``tiny`` preset's width, seed 0).
+- ``prompts [RUN ...] [--text-encoder minilm]``: how far apart the 20 class prompts are,
+  for the old prompts (``"a sagittal T2-weighted MR image of the {name}"``, the default
+  until the anatomical descriptions) and the new defaults
+  (:mod:`cps4_engine.labels`: ``"the L3 vertebral body, the third lumbar vertebra, below L2
+  and above L4"``): mean and largest pairwise cosine of the pooled prompt embeddings, raw
+  and centred (minus the mean over the 20, as the model's heads see them), the closest
+  pair of each, and the mean norm of the centred embeddings (0 means every prompt
+  collapsed onto one vector). Always measured: the untrained text encoder (its
+  backbone's mean-pooled states, and projected to the ``tiny`` preset's width by a random
+  projection, seed 0); then each stage-1 run folder given, with its trained encoder and
+  projection (the prompts it was trained with are marked).
 - ``step-time DATA [--steps 30] [--rounds 2]``: stage-1 seconds per step with the text
   backbone fixed against fine-tuned, the two alternated ``--rounds`` times in one process
   (median step of each run; the smallest median of each setting is reported), so the
@@ -18,6 +24,7 @@ Three subcommands, each printing one markdown table:
 Examples::
 
     python benchmarks/stage1_diagnostics.py prompts --text-encoder minilm
+    python benchmarks/stage1_diagnostics.py prompts RUN1   # the untrained rows, then RUN1's
     python benchmarks/stage1_diagnostics.py prompts OUT/runs/vb3_both_minilm_s0 OUT/runs/vb3_both_minilm_finetuned_s0
     python benchmarks/stage1_diagnostics.py step-time ../shared/realdata/vb3_l1l5_t1 --train-cases 14
     python benchmarks/stage1_diagnostics.py confident BENCH_VB3 BENCH_SYNTHETIC
@@ -37,41 +44,68 @@ from pathlib import Path
 import torch
 
 
-def prompt_geometry(pooled: torch.Tensor, centred: torch.Tensor) -> dict[str, float]:
-    """Pairwise cosines of ``pooled`` and ``centred`` prompt embeddings ``(P, D)`` and the
-    mean norm of the centred ones."""
+# The default prompt template before the anatomical descriptions (the "before" rows).
+OLD_PROMPT_TEMPLATE = "a sagittal T2-weighted MR image of the {name}"
+
+
+def prompt_geometry(pooled: torch.Tensor, centred: torch.Tensor, names: list[str]) -> dict[str, object]:
+    """Pairwise cosines of ``pooled`` and ``centred`` prompt embeddings ``(P, D)``: mean,
+    largest and the pair (by ``names``, one per row) that has it, and the mean norm of the
+    centred embeddings."""
     off_diagonal = ~torch.eye(pooled.shape[0], dtype=torch.bool)
-    row = {"centred_norm": float(centred.norm(dim=1).mean())}
+    row: dict[str, object] = {"centred_norm": float(centred.norm(dim=1).mean())}
     for name, embeddings in (("raw", pooled), ("centred", centred)):
-        unit = torch.nn.functional.normalize(embeddings, dim=1)
-        cosines = (unit @ unit.T)[off_diagonal]
-        row[f"{name}_mean_cosine"], row[f"{name}_max_cosine"] = float(cosines.mean()), float(cosines.max())
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        cosines = unit @ unit.T
+        row[f"{name}_mean_cosine"] = float(cosines[off_diagonal].mean())
+        first, second = divmod(int(cosines.masked_fill(~off_diagonal, -2.0).argmax()), pooled.shape[0])
+        row[f"{name}_max_cosine"] = float(cosines[first, second])
+        row[f"{name}_closest"] = f"{names[first]} / {names[second]}"
     return row
+
+
+def _prompt_sets() -> dict[str, list[str]]:
+    from cps4_engine.labels import mrspineseg_scheme
+
+    scheme = mrspineseg_scheme()
+    return {"old (name, T2-weighted)": scheme.class_prompts(OLD_PROMPT_TEMPLATE), "new (anatomical)": scheme.class_prompts()}
 
 
 def command_prompts(args: argparse.Namespace) -> None:
     from cps4_engine.classmaps import load_vlm
     from cps4_engine.labels import mrspineseg_scheme
-    from cps4_engine.models.image_encoder import build_image_encoder
     from cps4_engine.models.text import load_text_encoder
-    from cps4_engine.models.vlm import VLM
     from cps4_engine.presets import get_preset
-    from cps4_engine.stage1 import class_prompts
 
-    models = [(str(run), load_vlm(run)) for run in args.runs]
-    if not models:
-        preset = get_preset("tiny")
-        text = load_text_encoder(args.text_encoder, embed_dim=preset.embed_dim, max_length=preset.text_max_length, seed=0)
-        models = [(f"untrained {text.source}", VLM(build_image_encoder(preset), text, class_prompts(mrspineseg_scheme()), preset))]
-    print("| model | raw mean cos | raw max cos | centred mean cos | centred max cos | centred norm |")
-    print("|---|---|---|---|---|---|")
-    for name, vlm in models:
-        with torch.no_grad():
-            pooled = vlm.encode_prompts().pooled
-            centred = pooled - pooled.mean(dim=0, keepdim=True)
-        row = prompt_geometry(pooled, centred)
-        print(f"| {name} | {row['raw_mean_cosine']:.3f} | {row['raw_max_cosine']:.3f} | "
-              f"{row['centred_mean_cosine']:.3f} | {row['centred_max_cosine']:.3f} | {row['centred_norm']:.4f} |")
+    names = [info.short for info in mrspineseg_scheme().classes]
+    preset = get_preset("tiny")
+    untrained = load_text_encoder(args.text_encoder, embed_dim=preset.embed_dim, max_length=preset.text_max_length, seed=0).eval()
+    rows: list[tuple[str, str, torch.Tensor]] = []
+    with torch.no_grad():
+        for label, prompts in _prompt_sets().items():
+            tokenized = untrained.tokenize(prompts)
+            states = untrained.backbone(**tokenized).last_hidden_state
+            weights = tokenized["attention_mask"].unsqueeze(-1).to(states.dtype)
+            rows.append((f"untrained {args.text_encoder}, backbone", label, (states * weights).sum(1) / weights.sum(1)))
+            rows.append((f"untrained {args.text_encoder}, random projection to {preset.embed_dim}", label,
+                         untrained.encode(prompts).pooled))
+        for run in args.runs:
+            vlm = load_vlm(run).eval()
+            for label, prompts in _prompt_sets().items():
+                marked = label + (" (trained with)" if prompts == vlm.prompts else "")
+                rows.append((f"trained {run}", marked, vlm.encode_prompts(prompts).pooled))
+            if vlm.prompts not in _prompt_sets().values():
+                rows.append((f"trained {run}", "its own (trained with)", vlm.encode_prompts().pooled))
+    print("| encoder | prompts | raw mean cos | raw max cos (closest pair) | centred mean cos | "
+          "centred max cos (closest pair) | centred norm |")
+    print("|---|---|---|---|---|---|---|")
+    for encoder, label, pooled in rows:
+        row = prompt_geometry(pooled, pooled - pooled.mean(dim=0, keepdim=True), names)
+        print(f"| {encoder} | {label} | {row['raw_mean_cosine']:.3f} | {row['raw_max_cosine']:.3f} ({row['raw_closest']}) | "
+              f"{row['centred_mean_cosine']:.3f} | {row['centred_max_cosine']:.3f} ({row['centred_closest']}) | "
+              f"{row['centred_norm']:.4f} |")
+    if not args.runs:
+        print("\nafter training: give stage-1 run folders")
 
 
 def _median_step_seconds(data: str, freeze: bool, steps: int, train_cases: int | None, text_encoder: str) -> float:
@@ -121,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prompts = commands.add_parser("prompts", help="pairwise cosines of the class-prompt embeddings")
-    prompts.add_argument("runs", nargs="*", type=Path, help="stage-1 run folders (none: the untrained encoder)")
-    prompts.add_argument("--text-encoder", default="minilm", help="encoder measured when no run is given")
+    prompts.add_argument("runs", nargs="*", type=Path, help="stage-1 run folders, measured after the untrained encoder")
+    prompts.add_argument("--text-encoder", default="minilm", help="the untrained encoder measured (default minilm)")
     prompts.set_defaults(func=command_prompts)
     step_time = commands.add_parser("step-time", help="stage-1 step time, text backbone fixed vs fine-tuned")
     step_time.add_argument("data", help="dataset folder")

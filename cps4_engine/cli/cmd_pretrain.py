@@ -1,6 +1,9 @@
 """``cps4 pretrain``: stage 1, class-prompt vision-language pretraining.
 
-Ctrl-C stops at the next step and saves the state that ``--resume`` continues.
+Runs under ``torchrun`` unchanged (``torchrun --nproc_per_node N -m cps4_engine pretrain …``):
+each process trains on its own share of the labeled slices, gradients are averaged, and
+only rank 0 prints and writes. Ctrl-C stops at the next step and saves the state that
+``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ def register(subparsers: Any) -> None:
         help="stage 1: pretrain the class-prompt vision-language model",
         description=(
             "Stage 1 of CPS4: train an image encoder and a text encoder so that each class "
-            "prompt ('a sagittal T2-weighted MR image of the L3 vertebra') matches its own "
-            "spine unit, with token- and pixel-level attention losses. Uses the labeled "
-            "volumes of DATA. Writes RUN/config.json, model.safetensors (best on validation), "
-            "last.safetensors, train_state.safetensors, text_encoder/, history.json, split.json."
+            "prompt ('the L3 vertebral body, the third lumbar vertebra, below L2 and above L4') "
+            "matches its own spine unit, with token- and pixel-level attention losses. Uses the "
+            "labeled volumes of DATA. Writes RUN/config.json (with the prompts), model.safetensors "
+            "(best on validation), last.safetensors, train_state.safetensors, text_encoder/, "
+            "history.json, split.json. Runs under torchrun (torchrun --nproc_per_node N -m "
+            "cps4_engine pretrain ...); only rank 0 writes."
         ),
     )
     add_training_run_options(parser, batch_size_help="slices per step (default: the preset's)",
@@ -38,8 +43,10 @@ def register(subparsers: Any) -> None:
                         help="ablation: compare pixels with the raw pooled prompt embeddings instead of "
                              "their deviation from the class prompts' mean")
     parser.add_argument("--prompt-template", metavar="TEXT",
-                        help="class prompt template with a {name} placeholder "
-                             "(default: 'a sagittal T2-weighted MR image of the {name}')")
+                        help="class prompt template: {description} becomes each class's anatomical "
+                             "description ('the L3 vertebral body, the third lumbar vertebra, below L2 "
+                             "and above L4'), {name} its name ('L3 vertebra'); at least one of them "
+                             "(default: '{description}'; e.g. 'a T1 image of the {name}')")
     parser.add_argument("--no-token-loss", action="store_true", help="ablation: drop the token-level attention loss")
     parser.add_argument("--no-pixel-loss", action="store_true", help="ablation: drop the pixel-level attention loss")
     parser.add_argument("--token-weight", type=float, default=1.0, help="weight of the token-level attention loss (default 1)")
