@@ -92,8 +92,10 @@ class Stage1Config:
         token_weight: weight of the token-level attention loss.
         pixel_weight: weight of the pixel-level attention loss.
         contrastive_weight: weight of the image-text contrastive term (0: off).
-        prompt_template: class prompt template with a ``{name}`` placeholder; None uses
-            the scheme's.
+        prompt_template: class prompt template with ``{name}`` and/or ``{description}``
+            placeholders (:mod:`cps4_engine.labels`); None uses the scheme's default
+            prompts (the anatomical descriptions). A resumed run keeps the prompts it
+            recorded.
         train_cases: use only the first N cases of the dataset (in its order) for
             training; the rest are never seen. None: all.
         validation: validation volumes carved from the training volumes (count or
@@ -179,14 +181,13 @@ class SliceCache(Dataset):
 
 
 def class_prompts(scheme: LabelScheme, template: str | None = None) -> list[str]:
-    """One prompt per class of ``scheme``, index = class id, background first.
+    """One prompt per class of ``scheme``, index = class id, background first
+    (:meth:`cps4_engine.labels.LabelScheme.class_prompts`; None: the scheme's defaults).
 
     Raises:
-        CPS4Error: the template has no ``{name}`` placeholder.
+        CPS4Error: the template has neither a ``{name}`` nor a ``{description}`` placeholder.
     """
-    template = scheme.prompt_template if template is None else template
-    foreground = scheme.prompts(template)
-    return [template.format(name=scheme.by_id(0).name)] + [foreground[class_id] for class_id in scheme.foreground_ids]
+    return scheme.class_prompts(template)
 
 
 def load_slices(cases: Sequence[Any], size: tuple[int, int], keep_aspect: bool = False) -> SliceCache:
@@ -333,8 +334,10 @@ class Stage1Trainer(StageTask):
                 centre_prompts=bool(recorded.get("centre_prompts", False)),
                 freeze_text_encoder=bool(recorded.get("text_encoder", {}).get("frozen", False)),
             )
-        check_run_folder(self.out, config.resume, stage=1,
-                         same_settings={"data": config.data, "preset": config.preset})
+            # The run goes on with the prompts it was trained with, whatever today's defaults.
+            self.prompts = [str(prompt) for prompt in recorded.get("prompts", self.prompts)]
+        check_run_folder(self.out, config.resume, stage=1, same_settings={
+            "data": config.data, "preset": config.preset, "prompt_template": config.prompt_template})
         self.split = self._split()
         self.loop = TrainingLoop(self, LoopSettings(
             out=self.out, stage="stage 1", max_steps=self.max_steps, validation_every=self.validation_every,
