@@ -16,7 +16,8 @@ writes checkpoints and logs (:attr:`DistContext.is_main`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -92,20 +93,66 @@ def teardown(context: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, context: DistContext) -> nn.Module:
+def wrap_model(model: nn.Module, context: DistContext, static_graph: bool = False) -> nn.Module:
     """``DistributedDataParallel(model)`` when distributed, else ``model`` itself.
 
     The model must already be on ``context.device``. Gradients are averaged across ranks
     in ``backward``; DDP broadcasts rank 0's parameters and buffers at wrap time, so all
     replicas start identical.
+
+    Args:
+        model: the module to train.
+        context: where this process stands.
+        static_graph: the same parameters receive a gradient at every step. DDP then
+            learns in the first backward which trainable parameters never do (e.g. a head
+            whose loss term is off) instead of waiting for their gradients. Without it
+            every trainable parameter must receive a gradient at every step.
     """
     if not context.distributed:
         return model
     if context.device.type == "cuda":
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[context.device.index], output_device=context.device.index
+            model, device_ids=[context.device.index], output_device=context.device.index, static_graph=static_graph
         )
-    return nn.parallel.DistributedDataParallel(model)
+    return nn.parallel.DistributedDataParallel(model, static_graph=static_graph)
+
+
+class _FieldsAsTuple(nn.Module):
+    """Runs a module whose ``forward`` returns a dataclass and returns its fields as a tuple."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.output_type: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple:
+        output = self.module(*args, **kwargs)
+        self.output_type = type(output)
+        return tuple(getattr(output, field.name) for field in fields(output))
+
+
+def wrap_dataclass_model(model: nn.Module, context: DistContext, static_graph: bool = False) -> Callable[..., Any]:
+    """:func:`wrap_model` for a model whose ``forward`` returns a dataclass of tensors.
+
+    DDP finds the output tensors of a tuple, list or dict but not of a dataclass (torch's
+    pytree does not know it). With ``static_graph`` (or ``find_unused_parameters``) DDP
+    schedules the gradient all-reduce from those tensors, so behind a dataclass it never
+    runs and every rank steps with its own gradients: the replicas drift apart. The model
+    therefore runs behind DDP with its fields as a tuple, repacked into the dataclass.
+
+    Returns:
+        A callable taking the model's arguments and returning its dataclass; gradients are
+        averaged across ranks in ``backward`` when distributed. Save and validate ``model``
+        itself.
+    """
+    flat = _FieldsAsTuple(model)
+    trained = wrap_model(flat, context, static_graph=static_graph)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        values = trained(*args, **kwargs)
+        return flat.output_type(*values)
+
+    return run
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

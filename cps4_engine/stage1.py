@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from cps4_engine import checkpoint, distributed
 from cps4_engine.checkpoint import read_run_config, write_run_config
@@ -406,10 +406,13 @@ class Stage1Trainer(StageTask):
         )
 
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
-        """Train, yielding events; see :func:`iter_pretrain`."""
-        # One process: stage 1 has no torchrun path yet (stage 2 has).
-        context = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=self.device)
-        yield from self.loop.run(context, cancel or CancelToken())
+        """Train, yielding events; see :func:`iter_pretrain`. Under ``torchrun`` every rank
+        trains and only rank 0 yields events and writes (:mod:`cps4_engine.distributed`)."""
+        context = distributed.setup(self.config.device)
+        try:
+            yield from self.loop.run(context, cancel or CancelToken())
+        finally:
+            distributed.teardown(context)
 
     def setup(self, context: distributed.DistContext) -> None:
         config, device = self.config, context.device
@@ -417,20 +420,32 @@ class Stage1Trainer(StageTask):
         self.model = self.build_model().to(device)
         geometry = {"size": self.preset.slice_size, "keep_aspect": self.preset.keep_aspect}
         self.train_slices = load_slices(self.split.labeled, **geometry)
-        self.validation = load_slices([case for case in self.split.validation if case.is_labeled], **geometry)
+        # Only rank 0 validates (the loop), so only it needs the validation slices.
+        validation_cases = [case for case in self.split.validation if case.is_labeled] if context.is_main else []
+        self.validation = load_slices(validation_cases, **geometry)
         self.optimizer = self._optimizer(self.model)
-        sampler = torch.Generator().manual_seed(config.seed)
+        # DDP broadcasts rank 0's weights at wrap time and averages gradients in backward.
+        # The graph is static (the same parameters train at every step whatever the batch:
+        # a term with nothing to count is a zero that keeps the graph), and some parameters
+        # never train (the image head when the contrastive weight is 0, a fine-tuned text
+        # backbone's pooler), which DDP must know not to wait for.
+        self.trained = distributed.wrap_dataclass_model(self.model, context, static_graph=True)
+        # Each rank draws its own shard of the slices with its own draws; rank 0's are those
+        # of a single-process run.
+        sampler = torch.Generator().manual_seed(config.seed + 1000 * context.rank)
         self.generators = {"sampler": sampler}
         self.augmenter = None
         if config.augment:
             from cps4_engine.augment import SliceAugmenter
 
-            self.augmenter = SliceAugmenter(seed=config.seed)
+            self.augmenter = SliceAugmenter(seed=config.seed + 7919 * context.rank)
             self.generators["augmentation"] = self.augmenter.generator
         self.criterion = Stage1Loss(config.loss_weights())
-        has_structure = (self.train_slices.labels.flatten(1) > 0).any(dim=1)
+        shard = distributed.rank_shard(len(self.train_slices), context)
+        has_structure = (self.train_slices.labels[shard].flatten(1) > 0).any(dim=1)
         weights = torch.where(has_structure, 1.0, EMPTY_SLICE_WEIGHT)
-        self.batches = batches(self.train_slices, self.batch_size, sampler, weights, collate_fn=_collate_slices)
+        self.batches = batches(Subset(self.train_slices, shard.tolist()), self.batch_size, sampler, weights,
+                               collate_fn=_collate_slices)
         self.context = context
         self.step = 0
 
@@ -459,7 +474,7 @@ class Stage1Trainer(StageTask):
         device = self.context.device
         validity = batch_validity(labels, painted, len(self.prompts)).to(device)
         images, labels = images.to(device), labels.to(device)
-        output = self.model(images)
+        output = self.trained(images)
         losses = self.criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
         return losses["total"], {name: float(value.detach()) for name, value in losses.items()}
 
