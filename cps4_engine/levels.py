@@ -22,10 +22,10 @@ How the step names the vertebrae. Structures are sorted from inferior to superio
 given consecutive levels, skipping a level where the gap between two neighbours is 1.75
 times the usual one (a vertebra not segmented there, :func:`level_steps`). Where the lowest structure is by majority the sacrum or L5 (the
 caudal end is in view), the count starts from its own label; otherwise the start is the
-one that agrees with the most voxels' labels overall. A structure more than 1.7 times as tall as the typical one is
-bodies the network fused (their labels mixed across slices, so they cannot be told apart by
-label): it is cut at its narrowest waists along the superior axis, where the disc spaces
-are (:func:`split_fused_bodies`); structures closer than half the usual gap are pieces of
+one that agrees with the most voxels' labels overall. A structure that narrows sharply along the superior axis, with at
+least half a typical body on each side, is bodies the network fused (their labels mixed
+across slices, so they cannot be told apart by label): it is cut at those waists, where
+the disc spaces are (:func:`split_fused_bodies`); structures closer than half the usual gap are pieces of
 one body and are joined (:func:`merge_close_pieces`). Discs take the level between their neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
 Specks (below 10 % of the largest structure of their kind) and then structures smaller
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
@@ -61,12 +61,8 @@ SAME_BODY_GAP = 0.5
 # Structures below this share of the largest of their kind are specks, left out of the
 # median body size the fragment rule compares with.
 SPECK_FRACTION = 0.1
-# A structure whose superior-axis extent exceeds this multiple of the typical one is two
-# (or more) bodies fused into one component: a single body tilted by the lumbosacral angle
-# reaches about 1.5 times its upright extent, two fused bodies about 2.2 times.
-OVERSIZE_EXTENT = 1.7
-# The extent of a structure: the spread of its voxels' heights between these percentiles.
-_EXTENT_PERCENTILES = (5, 95)
+# Each piece of a cut structure holds at least this share of the median structure's voxels.
+MIN_PIECE_FRACTION = 0.5
 # Height histogram bin (mm) and smoothing (mm) used to find the waist between fused bodies.
 _WAIST_BIN_MM = 1.0
 _WAIST_SMOOTHING_MM = 2.0
@@ -217,34 +213,28 @@ def _heights(structure: Structure, shape: tuple[int, ...], affine: np.ndarray) -
     return superior_height(affine, np.stack(np.unravel_index(structure.index, shape), axis=-1))
 
 
-def _extent(heights: np.ndarray) -> float:
-    low, high = np.percentile(heights, _EXTENT_PERCENTILES)
-    return float(high - low)
-
-
-def _waists(heights: np.ndarray, pieces: int, spacing_mm: float, bin_mm: float = _WAIST_BIN_MM) -> list[float]:
-    """The ``pieces - 1`` heights where a fused structure is narrowest, ``spacing_mm`` apart at least.
+def _waists(heights: np.ndarray, min_piece: float, bin_mm: float = _WAIST_BIN_MM) -> list[float]:
+    """The heights where a structure is several bodies fused: its deep waists.
 
     The voxels' heights are histogrammed in ``bin_mm`` bins (1 mm, or a voxel's height
-    where voxels are taller, so no bin falls between two voxel rows) and smoothed; the deepest local
-    minima inside the structure that fall to half of the widest parts on both sides (the
-    disc spaces between fused bodies) are the cuts.
+    where voxels are taller, so no bin falls between two voxel rows) and smoothed. A local
+    minimum that falls to :data:`_WAIST_DEPTH` of the widest parts on both sides (a disc
+    space between two bodies) is a cut, deepest first, as long as every piece keeps at
+    least ``min_piece`` voxels (a body on each side, not the ragged tail of one body).
     """
     edges = np.arange(heights.min(), heights.max() + 2 * bin_mm, bin_mm)
     counts, _ = np.histogram(heights, bins=edges)
     smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
     centres = (edges[:-1] + edges[1:]) / 2
-    low, high = np.percentile(heights, _EXTENT_PERCENTILES)
     minima = [
         i for i in range(1, len(smooth) - 1)
-        if smooth[i] <= smooth[i - 1] and smooth[i] <= smooth[i + 1] and low < centres[i] < high
+        if smooth[i] <= smooth[i - 1] and smooth[i] <= smooth[i + 1]
         and smooth[i] <= _WAIST_DEPTH * min(smooth[:i].max(), smooth[i + 1 :].max())
     ]
     cuts: list[float] = []
     for i in sorted(minima, key=lambda i: smooth[i]):
-        if len(cuts) == pieces - 1:
-            break
-        if all(abs(centres[i] - cut) >= spacing_mm for cut in cuts):
+        trial = np.sort(np.asarray([*cuts, centres[i]]))
+        if np.bincount(np.searchsorted(trial, heights), minlength=trial.size + 1).min() >= min_piece:
             cuts.append(float(centres[i]))
     return sorted(cuts)
 
@@ -252,13 +242,15 @@ def _waists(heights: np.ndarray, pieces: int, spacing_mm: float, bin_mm: float =
 def split_fused_bodies(
     structures: Sequence[Structure], labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
 ) -> list[Structure]:
-    """Cut structures that are several bodies fused into one, at their narrowest waists.
+    """Cut structures that are several bodies fused into one, at their deep waists.
 
-    A structure whose superior-axis extent (5th to 95th percentile of its voxels'
-    heights) is more than :data:`OVERSIZE_EXTENT` times the median extent of the others is
-    split into ``round(extent / median)`` pieces at the deepest minima of its voxel count
-    along the superior axis (:func:`_waists`); each piece gets the labels its voxels vote.
-    With fewer than three structures there is no typical extent and nothing is split.
+    Along the superior axis a vertebral body's cross-section stays wide from end plate to
+    end plate; two bodies fused through their disc space narrow sharply between them. A
+    structure is cut at every waist of its voxel count along the superior axis that falls
+    to half of the widest parts on both sides, provided each piece keeps at least
+    :data:`MIN_PIECE_FRACTION` of the median structure's voxels (:func:`_waists`); each
+    piece gets the labels its voxels vote. With fewer than three structures there is no
+    typical size and nothing is cut.
 
     Args:
         structures: structures of one kind (:func:`find_structures`).
@@ -271,14 +263,12 @@ def split_fused_bodies(
     """
     if len(structures) < 3:
         return list(structures)
-    heights = [_heights(structure, shape, affine) for structure in structures]
     bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
-    extents = np.array([_extent(h) for h in heights])
+    min_piece = MIN_PIECE_FRACTION * float(np.median([structure.size for structure in structures]))
     result: list[Structure] = []
-    for structure, own, extent in zip(structures, heights, extents):
-        typical = float(np.median(extents[extents != extent])) if np.count_nonzero(extents != extent) else extent
-        pieces = int(round(extent / typical)) if typical > 0 else 1
-        cuts = _waists(own, pieces, 0.5 * typical, bin_mm) if extent > OVERSIZE_EXTENT * typical and pieces >= 2 else []
+    for structure in structures:
+        own = _heights(structure, shape, affine)
+        cuts = _waists(own, min_piece, bin_mm) if structure.size >= 2 * min_piece else []
         if not cuts:
             result.append(structure)
             continue
