@@ -649,9 +649,10 @@ class Stage2Trainer(StageTask):
         self.out = Path(config.out)
         check_run_folder(self.out, config.resume, stage=2,
                          same_settings={"method": config.method, "data": config.data, "preset": config.preset})
-        if config.resume:
-            self._check_resumed_base()
-        self.prompt_weighting, self.prompt_weights = self._prompt_weights()
+        recorded = read_run_config(self.out, stage=2, scheme=SCHEME_NAME) if config.resume else None
+        if recorded is not None:
+            self._check_resumed_base(recorded)
+        self.prompt_weighting, self.prompt_weights = self._prompt_weights(recorded)
         if config.init_weights is not None and not Path(config.init_weights).is_file():
             raise CPS4Error("initial weights file not found", path=config.init_weights)
         self._vlm_loader = vlm_loader or _load_vlm
@@ -664,8 +665,7 @@ class Stage2Trainer(StageTask):
             floor=0.0, gradient_clip=config.gradient_clip,
         ))
 
-    def _check_resumed_base(self) -> None:
-        recorded = read_run_config(self.out, stage=2, scheme=SCHEME_NAME)
+    def _check_resumed_base(self, recorded: dict[str, Any]) -> None:
         # Runs saved before bases existed trained cps4 on mean teacher.
         started = recorded.get("base", resolve_base(self.config.method, None))
         if started != self.base:
@@ -674,9 +674,10 @@ class Stage2Trainer(StageTask):
                 "or choose another --out", path=self.out,
             )
 
-    def _prompt_weights(self) -> tuple[str | None, list[float] | None]:
+    def _prompt_weights(self, recorded: dict[str, Any] | None) -> tuple[str | None, list[float] | None]:
         """The weighting mode and the 19 per-class weights of fused pseudo-labels (None, None
-        when the pseudo-labels are not fused)."""
+        when the pseudo-labels are not fused); a resumed run keeps those its ``config.json``
+        recorded (``recorded``), even if the stage-1 run was retrained since."""
         mode = self.config.prompt_weighting
         if mode is not None and mode not in PROMPT_WEIGHTINGS:
             raise CPS4Error(f"--prompt-weighting {mode!r} is unknown; choose one of {', '.join(PROMPT_WEIGHTINGS)}")
@@ -685,6 +686,18 @@ class Stage2Trainer(StageTask):
                 raise CPS4Error(f"--prompt-weighting {mode} weighs fused pseudo-labels; this run's are "
                                 f"{self.pseudo_label_source or 'not used'} (use --method cps4 --pseudo-label fused)")
             return None, None
+        kept = (recorded or {}).get("prompt_weights")
+        if kept is not None:
+            started = (recorded or {}).get("prompt_weighting")
+            if mode not in (None, started):
+                raise CPS4Error(f"was started with prompt weighting {started!r}, not {mode!r}; resume with the "
+                                "same settings or choose another --out", path=self.out)
+            valid = isinstance(kept, list) and len(kept) == NUM_CLASSES - 1 and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0 for w in kept)
+            if not valid:
+                raise CPS4Error(f"'prompt_weights' must list {NUM_CLASSES - 1} weights in [0, 1]",
+                                path=self.out / "config.json")
+            return started, [float(weight) for weight in kept]
         reliability = read_class_reliability(self.config.vlm)  # type: ignore[arg-type]
         if mode == "reliability" and reliability is None:
             raise CPS4Error("--prompt-weighting reliability needs the stage-1 run's class_reliability.json "

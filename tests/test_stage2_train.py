@@ -18,7 +18,7 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken
 from cps4_engine.fusion import RELIABILITY_CEILING, RELIABILITY_FLOOR
 from cps4_engine.io import Volume
-from cps4_engine.preprocess import prepare_volume
+from cps4_engine.preprocess import UNKNOWN_LABEL, prepare_volume
 from cps4_engine.stage2 import (
     Stage2Config,
     Stage2Trainer,
@@ -161,9 +161,12 @@ def test_fused_pseudo_labels_let_a_confident_prompt_overrule_an_unsure_teacher()
 
 
 def test_partial_mask_does_not_teach_that_unpainted_pixels_are_background() -> None:
+    # A marked partial mask (data.load_case): unknown pixels carry UNKNOWN_LABEL; the same
+    # pixels are background (0) in the complete mask.
     labels = torch.zeros(1, 8, 8, dtype=torch.int64)
     labels[0, 2:5, 2:5] = 4
     unknown = labels == 0
+    partial_labels = torch.where(unknown, UNKNOWN_LABEL, labels)
     big = 20.0
 
     def logits_with(unknown_class: int) -> torch.Tensor:
@@ -178,8 +181,8 @@ def test_partial_mask_does_not_teach_that_unpainted_pixels_are_background() -> N
     complete = torch.tensor([False])
     nothing = torch.zeros(1, 20, dtype=torch.bool)
 
-    partial_as_l5 = sum(supervised_loss(logits_with(2), labels, partial, painted))
-    partial_as_background = sum(supervised_loss(logits_with(0), labels, partial, painted))
+    partial_as_l5 = sum(supervised_loss(logits_with(2), partial_labels, partial, painted))
+    partial_as_background = sum(supervised_loss(logits_with(0), partial_labels, partial, painted))
     complete_as_l5 = sum(supervised_loss(logits_with(2), labels, complete, nothing))
     complete_as_background = sum(supervised_loss(logits_with(0), labels, complete, nothing))
     assert float(partial_as_l5) == pytest.approx(float(partial_as_background), abs=1e-4)
@@ -187,7 +190,7 @@ def test_partial_mask_does_not_teach_that_unpainted_pixels_are_background() -> N
     assert float(complete_as_l5) > 1.0 and float(complete_as_background) < 1e-3
 
     logits = logits_with(2).requires_grad_(True)
-    sum(supervised_loss(logits, labels, partial, painted)).backward()
+    sum(supervised_loss(logits, partial_labels, partial, painted)).backward()
     painted_logit_gradient = logits.grad[0, 4][unknown[0]]
     assert painted_logit_gradient.abs().max() > 0  # unknown pixels are known not to be L3
 
@@ -273,6 +276,7 @@ def test_initial_weights_of_another_preset_are_a_one_line_error(dataset: Path, t
         ({"method": "mean-teacher", "base": "unimatch"}, "--base unimatch applies to --method cps4 only"),
         ({"method": "supervised", "base": "mean-teacher"}, "applies to --method cps4 only"),
         ({"method": "unimatch", "prompt_weighting": "global"}, "--prompt-weighting global weighs fused"),
+        ({"method": "mean-teacher", "prompt_weighting": "vote"}, "--prompt-weighting 'vote' is unknown"),
         ({"method": "unimatch", "feature_dropout": 1.0}, "--feature-dropout 1.0 must be between 0 and 0.95"),
     ],
 )
@@ -439,6 +443,15 @@ def test_fused_pseudo_labels_weigh_class_maps_by_their_stage1_dice(dataset: Path
     forced = Stage2Trainer(_config(dataset, tmp_path / "global", method="cps4", vlm=vlm_run, prompt_weight=0.3,
                                    prompt_weighting="global"))
     assert forced.prompt_weights == [0.3] * 19
+
+    # a resumed run keeps the weights it recorded, though the stage-1 run changed since
+    _stage1_with_reliability(vlm_run, [RELIABILITY_FLOOR] * 19)
+    resumed = Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=vlm_run, prompt_weight=0.3,
+                                    max_steps=4, resume=True))
+    assert resumed.prompt_weights == pytest.approx(config["prompt_weights"])
+    with pytest.raises(CPS4Error, match="was started with prompt weighting 'reliability', not 'global'"):
+        Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=vlm_run, prompt_weight=0.3,
+                              max_steps=4, resume=True, prompt_weighting="global"))
 
 
 def test_reliability_weighting_without_the_file_or_with_a_broken_one_is_a_one_line_error(
