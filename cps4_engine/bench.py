@@ -282,8 +282,9 @@ def _score_test_volumes(
 def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[str, float]:
     """Dice of pseudo-labels against the hidden truth of a run's unlabeled volumes.
 
-    The run's final teacher (``teacher.safetensors``) labels every unlabeled training
-    volume of its ``split.json``; with a stage-1 run, the prompt maps and the fused
+    The network that made the run's pseudo-labels, at its last step (the EMA teacher,
+    ``teacher.safetensors``, for mean teacher; the student, ``last.safetensors``, for
+    UniMatch), labels every unlabeled training volume of its ``split.json``; with a stage-1 run, the prompt maps and the fused
     pseudo-label (:func:`cps4_engine.fusion.combine_with_teacher`, with the run's prompt
     threshold and the weights it fused with, per class where it recorded them) are scored
     too. The
@@ -313,7 +314,9 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
     torch_device = resolve_device(device)
     config = read_run_config(run, stage=2, scheme="mrspineseg")
     teacher = build_segmenter(config["segmenter"]).to(torch_device)
-    teacher.load_state_dict(load_weights(run / "teacher.safetensors", torch_device))
+    # Mean teacher labels with its EMA teacher; UniMatch with the student itself.
+    labeller = "last.safetensors" if config.get("base") == "unimatch" else "teacher.safetensors"
+    teacher.load_state_dict(load_weights(run / labeller, torch_device))
     teacher.eval()
     vlm = None
     if vlm_run is not None:

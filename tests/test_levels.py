@@ -134,3 +134,15 @@ def test_a_body_whose_upper_part_is_painted_the_next_level_stays_one_level() -> 
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     np.testing.assert_array_equal(fixed, _life_size_spine())
     assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+
+
+def test_fused_pairs_are_cut_even_when_most_structures_are_fused() -> None:
+    """L1+L2 and L4+L5 each fused (three components, two of them double): the median
+    structure is a fused pair, yet both pairs are cut and every level is named."""
+    labels = _life_size_spine()
+    labels[135:145, 15:22, :] = L5  # bridge L4-L5
+    labels[30:40, 15:22, :] = L2  # bridge L1-L2
+    labels[5:30, 5:35, :3] = L2  # L1 painted L2 in three slices
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+    assert set(np.unique(fixed[10:25, 5:35])) == {L1} and set(np.unique(fixed[115:130, 5:35])) == {L4}
