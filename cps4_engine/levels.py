@@ -61,8 +61,10 @@ SAME_BODY_GAP = 0.5
 # Structures below this share of the largest of their kind are specks, left out of the
 # median body size the fragment rule compares with.
 SPECK_FRACTION = 0.1
-# Each piece of a cut structure holds at least this share of the median structure's voxels.
-MIN_PIECE_FRACTION = 0.5
+# Each piece of a cut structure holds at least this share of the median structure's voxels
+# (the median itself is inflated where most structures are fused) and of the structure cut.
+MIN_PIECE_FRACTION = 0.25
+MIN_PIECE_OF_STRUCTURE = 0.2
 # Height histogram bin (mm) and smoothing (mm) used to find the waist between fused bodies.
 _WAIST_BIN_MM = 1.0
 _WAIST_SMOOTHING_MM = 2.0
@@ -248,7 +250,8 @@ def split_fused_bodies(
     end plate; two bodies fused through their disc space narrow sharply between them. A
     structure is cut at every waist of its voxel count along the superior axis that falls
     to half of the widest parts on both sides, provided each piece keeps at least
-    :data:`MIN_PIECE_FRACTION` of the median structure's voxels (:func:`_waists`); each
+    :data:`MIN_PIECE_FRACTION` of the median structure's voxels and
+    :data:`MIN_PIECE_OF_STRUCTURE` of the structure's own (:func:`_waists`); each
     piece gets the labels its voxels vote. With fewer than three structures there is no
     typical size and nothing is cut.
 
@@ -264,10 +267,11 @@ def split_fused_bodies(
     if len(structures) < 3:
         return list(structures)
     bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
-    min_piece = MIN_PIECE_FRACTION * float(np.median([structure.size for structure in structures]))
+    typical = float(np.median([structure.size for structure in structures]))
     result: list[Structure] = []
     for structure in structures:
         own = _heights(structure, shape, affine)
+        min_piece = max(MIN_PIECE_FRACTION * typical, MIN_PIECE_OF_STRUCTURE * structure.size)
         cuts = _waists(own, min_piece, bin_mm) if structure.size >= 2 * min_piece else []
         if not cuts:
             result.append(structure)
