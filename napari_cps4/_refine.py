@@ -460,7 +460,7 @@ class RefinementPanel(QWidget):
 
     def stop(self) -> None:
         """Cancel the running round: the trainer stops at its next step, nothing is recorded."""
-        if self.worker is None or not self.worker.is_running:
+        if self._round_workspace is None:  # the worker may not have reached its thread yet
             raise CPS4Error("no round is running")
         self.cancel.cancel()
         self.progress_label.setText("stopping the round…")

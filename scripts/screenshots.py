@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         training.preview_combo.select_layer(image)
         training.start()
         wait_for(lambda: training.worker is None, 1800)
-    viewer.layers.remove(labels)
     if args.run is not None:
         show_run_history(training, args.run)
+    viewer.layers.remove(labels)
     save_screenshot(viewer, args.out / "training_widget.png", args.max_width)
 
     review = widgets["Per-class review"]
