@@ -114,19 +114,23 @@ def table(out: Path) -> str:
     for path in sorted(out.glob("*/result.json")):
         r = json.loads(path.read_text())
         rows.setdefault((r["dataset"], r["variant"], r["method"], r["labeled"]), []).append(r)
-    lines = ["| dataset | variant | method | labeled | seeds | Dice | level acc. | all levels right | spine Dice | Dice w/o level step | level acc. w/o | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | variant | method | labeled | seeds | Dice | level acc. | all levels right | spine Dice | Dice w/o level step | level acc. w/o | pseudo-label Dice teacher / maps / fused | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, variant, method, labeled), results in rows.items():
         def stat(key: str, sub: str) -> str:
             values = [r[sub][key] for r in results]
             return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
         right = "+".join(str(r["with_level_step"]["cases_all_levels_right"]) for r in results)
         seconds = np.mean([r["train_seconds"] for r in results])
+        pseudo = " / ".join(
+            f"{np.mean([r['pseudo_labels'][source] for r in results]):.3f}"
+            for source in ("teacher", "prompt", "fused") if all(source in r.get("pseudo_labels", {}) for r in results)
+        )
         lines.append(
             f"| {dataset} | {variant} | {method} | {labeled} | {','.join(str(r['seed']) for r in results)} "
             f"| {stat('dice', 'with_level_step')} | {stat('level_accuracy', 'with_level_step')} | {right} "
             f"| {stat('spine_dice', 'with_level_step')} | {stat('dice', 'without_level_step')} "
-            f"| {stat('level_accuracy', 'without_level_step')} | {seconds:.0f} |"
+            f"| {stat('level_accuracy', 'without_level_step')} | {pseudo or '–'} | {seconds:.0f} |"
         )
     return "\n".join(lines)
 
