@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         wait_for(lambda: training.worker is None, 1800)
     if args.run is not None:
         show_run_history(training, args.run)
-    viewer.layers.remove(labels)
+    labels.visible = False  # removing it made vispy crash in a later repaint under Xvfb
     save_screenshot(viewer, args.out / "training_widget.png", args.max_width)
 
     review = widgets["Per-class review"]
