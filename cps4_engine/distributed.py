@@ -93,7 +93,7 @@ def teardown(context: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, context: DistContext, static_graph: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, context: DistContext, find_unused_parameters: bool = False) -> nn.Module:
     """``DistributedDataParallel(model)`` when distributed, else ``model`` itself.
 
     The model must already be on ``context.device``. Gradients are averaged across ranks
@@ -103,18 +103,17 @@ def wrap_model(model: nn.Module, context: DistContext, static_graph: bool = Fals
     Args:
         model: the module to train.
         context: where this process stands.
-        static_graph: the same parameters receive a gradient at every step. DDP then
-            learns in the first backward which trainable parameters never do (e.g. a head
-            whose loss term is off) instead of waiting for their gradients. Without it
-            every trainable parameter must receive a gradient at every step.
+        find_unused_parameters: some trainable parameters may receive no gradient (e.g. a
+            head whose loss term is off, or whose output the loss does not read); DDP
+            then finds them at every step instead of waiting for their gradients.
     """
     if not context.distributed:
         return model
     if context.device.type == "cuda":
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[context.device.index], output_device=context.device.index, static_graph=static_graph
+            model, device_ids=[context.device.index], output_device=context.device.index, find_unused_parameters=find_unused_parameters
         )
-    return nn.parallel.DistributedDataParallel(model, static_graph=static_graph)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 class _FieldsAsTuple(nn.Module):
@@ -131,11 +130,11 @@ class _FieldsAsTuple(nn.Module):
         return tuple(getattr(output, field.name) for field in fields(output))
 
 
-def wrap_dataclass_model(model: nn.Module, context: DistContext, static_graph: bool = False) -> Callable[..., Any]:
+def wrap_dataclass_model(model: nn.Module, context: DistContext, find_unused_parameters: bool = False) -> Callable[..., Any]:
     """:func:`wrap_model` for a model whose ``forward`` returns a dataclass of tensors.
 
     DDP finds the output tensors of a tuple, list or dict but not of a dataclass (torch's
-    pytree does not know it). With ``static_graph`` (or ``find_unused_parameters``) DDP
+    pytree does not know it). With ``find_unused_parameters`` (or ``static_graph``) DDP
     schedules the gradient all-reduce from those tensors, so behind a dataclass it never
     runs and every rank steps with its own gradients: the replicas drift apart. The model
     therefore runs behind DDP with its fields as a tuple, repacked into the dataclass.
@@ -146,7 +145,7 @@ def wrap_dataclass_model(model: nn.Module, context: DistContext, static_graph: b
         itself.
     """
     flat = _FieldsAsTuple(model)
-    trained = wrap_model(flat, context, static_graph=static_graph)
+    trained = wrap_model(flat, context, find_unused_parameters=find_unused_parameters)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         values = trained(*args, **kwargs)

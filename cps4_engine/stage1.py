@@ -425,11 +425,11 @@ class Stage1Trainer(StageTask):
         self.validation = load_slices(validation_cases, **geometry)
         self.optimizer = self._optimizer(self.model)
         # DDP broadcasts rank 0's weights at wrap time and averages gradients in backward.
-        # The graph is static (the same parameters train at every step whatever the batch:
-        # a term with nothing to count is a zero that keeps the graph), and some parameters
-        # never train (the image head when the contrastive weight is 0, a fine-tuned text
-        # backbone's pooler), which DDP must know not to wait for.
-        self.trained = distributed.wrap_dataclass_model(self.model, context, static_graph=True)
+        # Some parameters never train (the image head when the contrastive weight is 0: its
+        # output is computed but not read; a fine-tuned text backbone's pooler), which DDP
+        # must know not to wait for. (A static graph does not fit: the first step's zero
+        # gradient of the unread output marks the image head as trained.)
+        self.trained = distributed.wrap_dataclass_model(self.model, context, find_unused_parameters=True)
         # Each rank draws its own shard of the slices with its own draws; rank 0's are those
         # of a single-process run.
         sampler = torch.Generator().manual_seed(config.seed + 1000 * context.rank)
