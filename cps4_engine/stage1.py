@@ -406,10 +406,18 @@ class Stage1Trainer(StageTask):
         )
 
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
-        """Train, yielding events; see :func:`iter_pretrain`. Under ``torchrun`` every rank
-        trains and only rank 0 yields events and writes (:mod:`cps4_engine.distributed`)."""
+        """Train, yielding events; see :func:`iter_pretrain`.
+
+        Raises:
+            CPS4Error: launched under ``torchrun`` with more than one process: the
+                two-process run hangs or fails intermittently (DDP waiting on gradients), so
+                stage 1 runs in one process until that is found.
+        """
         context = distributed.setup(self.config.device)
         try:
+            if context.world_size > 1:
+                raise CPS4Error("stage 1 does not run under torchrun with several processes yet; "
+                                "run `cps4 pretrain` in one process (stage 2 runs under torchrun)")
             yield from self.loop.run(context, cancel or CancelToken())
         finally:
             distributed.teardown(context)
@@ -474,7 +482,7 @@ class Stage1Trainer(StageTask):
         device = self.context.device
         validity = batch_validity(labels, painted, len(self.prompts)).to(device)
         images, labels = images.to(device), labels.to(device)
-        output = self.trained(images)
+        output = self.trained(images, with_image_logits=bool(self.criterion.weights.contrastive))
         losses = self.criterion(output, one_hot_targets(labels, len(self.prompts)), validity)
         return losses["total"], {name: float(value.detach()) for name, value in losses.items()}
 

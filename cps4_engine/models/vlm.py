@@ -58,14 +58,14 @@ class VLMOutput:
         logits: float ``(B, P, H, W)``: prompt-pixel logits; ``sigmoid`` gives each
             class's own probability (the alignment loss).
         image_logits: float ``(B, P)``: logits of the whole-slice embedding against each
-            prompt (for the image-text contrastive term).
+            prompt (for the image-text contrastive term); None when not asked for.
         pixel_embeddings: float ``(B, D, H, W)``.
         prompt_embeddings: float ``(P, D)``: the pooled prompt embeddings the heads saw
             (centred when the model centres prompts).
     """
 
     logits: torch.Tensor
-    image_logits: torch.Tensor
+    image_logits: torch.Tensor | None
     pixel_embeddings: torch.Tensor
     prompt_embeddings: torch.Tensor
 
@@ -151,15 +151,22 @@ class VLM(nn.Module):
             return pooled
         return pooled - pooled[: len(self.prompts)].mean(dim=0, keepdim=True)
 
-    def forward(self, images: torch.Tensor, prompts: TextEncoding | None = None) -> VLMOutput:
+    def forward(
+        self, images: torch.Tensor, prompts: TextEncoding | None = None, with_image_logits: bool = True
+    ) -> VLMOutput:
         """Run the model on slices ``(B, 1, H, W)`` against ``prompts`` (default: the class
-        prompts; otherwise the class prompts followed by any others)."""
+        prompts; otherwise the class prompts followed by any others).
+
+        ``with_image_logits=False`` leaves :attr:`VLMOutput.image_logits` None: a training
+        step whose loss does not read them must not compute them, or DDP waits for
+        gradients of the image head that never come.
+        """
         encoded = self.encode_prompts() if prompts is None else prompts
         pooled = self.head_prompts(encoded.pooled)
         pixels = self.image_encoder(images)
         return VLMOutput(
             logits=self.head(pixels, pooled),
-            image_logits=self.image_head(pixels.mean(dim=(2, 3)), pooled),
+            image_logits=self.image_head(pixels.mean(dim=(2, 3)), pooled) if with_image_logits else None,
             pixel_embeddings=pixels,
             prompt_embeddings=pooled,
         )
