@@ -258,6 +258,19 @@ def restore_labels(stack: SliceStack, labels: np.ndarray | torch.Tensor) -> np.n
     return from_sagittal(planes.astype(np.uint8), stack.affine, stack.volume_shape)
 
 
+def _checked_probabilities(stack: SliceStack, probabilities: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``probabilities`` as float32 numpy, checked to be ``(S, C, H, W)`` of ``stack``."""
+    probabilities = _as_numpy(probabilities).astype(np.float32, copy=False)
+    if probabilities.ndim != 4 or probabilities.shape[0] != stack.num_slices or tuple(
+        probabilities.shape[2:]
+    ) != stack.size:
+        raise ValueError(
+            f"probabilities have shape {probabilities.shape}, expected "
+            f"({stack.num_slices}, C, {stack.size[0]}, {stack.size[1]})"
+        )
+    return probabilities
+
+
 def restore_soft_labels(
     stack: SliceStack, probabilities: np.ndarray | torch.Tensor, chunk: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -278,14 +291,7 @@ def restore_soft_labels(
         ``(labels, confidence)``: uint8 class ids and float32 winning probabilities,
         both of the source volume's shape.
     """
-    probabilities = torch.as_tensor(_as_numpy(probabilities), dtype=torch.float32)
-    if probabilities.ndim != 4 or probabilities.shape[0] != stack.num_slices or tuple(
-        probabilities.shape[2:]
-    ) != stack.size:
-        raise ValueError(
-            f"probabilities have shape {tuple(probabilities.shape)}, expected "
-            f"({stack.num_slices}, C, {stack.size[0]}, {stack.size[1]})"
-        )
+    probabilities = torch.as_tensor(_checked_probabilities(stack, probabilities))
     top, left, height, width = stack.box()
     rows, cols = stack.sagittal_shape[1:]
     labels = np.empty((stack.num_slices, rows, cols), dtype=np.uint8)
@@ -314,14 +320,7 @@ def restore_probabilities(stack: SliceStack, probabilities: np.ndarray | torch.T
         ``(C, X, Y, Z)`` float32 probabilities aligned with the source volume. Memory is
         ``4 * C * X * Y * Z`` bytes.
     """
-    probabilities = _as_numpy(probabilities).astype(np.float32, copy=False)
-    if probabilities.ndim != 4 or probabilities.shape[0] != stack.num_slices or tuple(
-        probabilities.shape[2:]
-    ) != stack.size:
-        raise ValueError(
-            f"probabilities have shape {probabilities.shape}, expected "
-            f"({stack.num_slices}, C, {stack.size[0]}, {stack.size[1]})"
-        )
+    probabilities = _checked_probabilities(stack, probabilities)
     channels = probabilities.shape[1]
     top, left, height, width = stack.box()
     restored = np.empty((channels, *stack.volume_shape), dtype=np.float32)
