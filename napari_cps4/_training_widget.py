@@ -50,6 +50,7 @@ from cps4_engine.io import Volume
 from cps4_engine.options import DEFAULT_LABELED, DEFAULT_METHOD, DEFAULT_PRESET, METHODS, PRESETS, default_steps, device_choices
 from cps4_engine.stage1 import Stage1Config
 from cps4_engine.stage2 import Stage2Config
+from napari_cps4._view import prepare_viewer
 from napari_cps4._common import LayerCombo, reports_errors, scrolling
 from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
 from napari_cps4._plot import CurvePlot
@@ -75,6 +76,7 @@ class TrainingWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        prepare_viewer(napari_viewer)
         self.worker: GeneratorWorker | None = None
         self.cancel_token: CancelToken | None = None
         self.result: TrainingResult | None = None
