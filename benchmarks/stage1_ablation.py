@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=2,
                         help="validation volumes carved from the training volumes (as the stage-2 runs: 2)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per run (default: the cores shared among the jobs)")
     parser.add_argument("--throughput-steps", type=int, default=0, help="also time N training steps with and without AMP")
     parser.add_argument("--throughput-preset", default="paper", help="preset whose throughput is timed (default paper)")
     args = parser.parse_args(argv)
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}")
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     specs: list[RunSpec] = []
     for name, folder, train in datasets:
         for seed in seeds:

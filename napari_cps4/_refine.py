@@ -31,8 +31,6 @@ from typing import Any, Sequence
 
 import napari
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.layers import Labels
 from napari.qt.threading import FunctionWorker, GeneratorWorker, thread_worker
 from napari.utils.notifications import show_error, show_info
@@ -70,39 +68,24 @@ from napari_cps4._layers import (
     labels_layer_data,
     scheme_of,
 )
+from napari_cps4._plot import ROUND_COLOUR, Axis, CurvePlot
 from napari_cps4._view import prepare_viewer
 from napari_cps4._workers import round_events
 
 QUEUE_COLUMNS = ("case", "state", "score", "classes to check")
 
 
-class RoundPlot(FigureCanvasQTAgg):
-    """Mean Dice on the held-out cases after each refinement round."""
+ROUND_AXIS = "held-out Dice"
 
-    def __init__(self) -> None:
-        figure = Figure(figsize=(3.6, 2.0), tight_layout=True)
-        super().__init__(figure)
-        self.axes = figure.add_subplot(1, 1, 1)
-        self.rounds: list[int] = []
-        self.dice: list[float] = []
-        self.show_rounds([])
 
-    def show_rounds(self, records: list[dict[str, Any]]) -> None:
-        """Redraw from workspace round records (``metrics["mean_dice"]`` in [0, 1])."""
-        points = [
-            (int(r["round"]), float(r["metrics"]["mean_dice"]))
-            for r in records
-            if isinstance(r.get("metrics", {}).get("mean_dice"), (int, float))
-        ]
-        self.rounds = [p[0] for p in points]
-        self.dice = [p[1] for p in points]
-        self.axes.clear()
-        self.axes.plot(self.rounds, self.dice, "o-", color="tab:green", markersize=4)
-        self.axes.set_xlabel("round", fontsize=8)
-        self.axes.set_ylabel("held-out Dice", fontsize=8)
-        self.axes.set_ylim(0.0, 1.0)
-        self.axes.tick_params(labelsize=7)
-        self.draw()
+def round_points(records: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """Rounds and their held-out mean Dice (``metrics["mean_dice"]`` in [0, 1]) from round records."""
+    points = [
+        (int(r["round"]), float(r["metrics"]["mean_dice"]))
+        for r in records
+        if isinstance(r.get("metrics", {}).get("mean_dice"), (int, float))
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 class RefinementPanel(QWidget):
@@ -221,7 +204,7 @@ class RefinementPanel(QWidget):
         self.stop_button.clicked.connect(reports_errors(self.stop))
         self.cancel = CancelToken()
         self.progress_label = QLabel("")
-        self.plot = RoundPlot()
+        self.plot = CurvePlot("round", Axis(ROUND_AXIS, ROUND_COLOUR, limits=(0.0, 1.0), markers=True), height=170)
         rounds_box = QGroupBox("Rounds")
         rounds_layout = QFormLayout(rounds_box)
         rounds_layout.addRow("method", self.method_combo)
@@ -305,7 +288,7 @@ class RefinementPanel(QWidget):
             for column, value in enumerate(values):
                 self.queue_table.setItem(row, column, QTableWidgetItem(value))
         self.queue_label.setText(_queue_caption(workspace, len(self.queue)))
-        self.plot.show_rounds(workspace.rounds)
+        self.plot.set_points(ROUND_AXIS, *round_points(workspace.rounds))
 
     def load_case(self, case_id: str) -> Labels:
         """Show a workspace case: its image and its latest labels as layers.

@@ -53,10 +53,12 @@ from cps4_engine.stage2 import Stage2Config
 from napari_cps4._view import prepare_viewer
 from napari_cps4._common import LayerCombo, reports_errors, scrolling
 from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
-from napari_cps4._plot import CurvePlot
+from napari_cps4._plot import DICE_COLOUR, LOSS_COLOUR, Axis, CurvePlot
 from napari_cps4._workers import TrainingResult, training_events
 
 STAGES = {"Stage 1 — prompt pretraining": 1, "Stage 2 — segmentation": 2}
+LOSS_AXIS = "loss"
+DICE_AXIS = "validation Dice"
 # The dock's field for each command-line option the engine's messages name.
 OPTION_FIELDS = {
     "--labeled": "Labeled volumes",
@@ -149,7 +151,9 @@ class TrainingWidget(QWidget):
         buttons.addWidget(self.resume_button)
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
-        self.plot = CurvePlot()
+        self.plot = CurvePlot(
+            "step", Axis(LOSS_AXIS, LOSS_COLOUR), Axis(DICE_AXIS, DICE_COLOUR, limits=(0.0, 1.0), markers=True)
+        )
 
         content = QWidget()
         layout = QVBoxLayout(content)
@@ -258,7 +262,7 @@ class TrainingWidget(QWidget):
     def _on_event(self, event: TrainEvent) -> None:
         if event.kind == "step":
             if "total" in event.losses:
-                self.plot.add_loss(event.step, event.losses["total"])
+                self.plot.add(LOSS_AXIS, event.step, event.losses["total"])
             if self._progress is not None:
                 self._progress.update(event.step - self._progress.n)
             eta = f", about {event.eta_s:.0f} s left" if event.eta_s is not None else ""
@@ -266,7 +270,7 @@ class TrainingWidget(QWidget):
             loss_text = f", loss {loss:.4f}" if loss is not None else ""
             self.status_label.setText(f"step {event.step}/{event.max_steps}{loss_text}{eta}")
         elif event.kind == "validation" and "dice" in event.metrics:
-            self.plot.add_dice(event.step, event.metrics["dice"])
+            self.plot.add(DICE_AXIS, event.step, event.metrics["dice"])
         elif event.message:
             self.status_label.setText(in_dock_words(event.message))
 

@@ -9,7 +9,8 @@ sample data and every dock — so neither depends on a particular dock being ope
   middle slice, when it is added;
 - ``*.nii`` and ``*.nii.gz`` are read by this plugin's reader unless the user already
   chose another one for them (napari's own "remember this choice" setting), so
-  File ▸ Open and ``viewer.open(path)`` stop asking which reader to use.
+  File ▸ Open and ``viewer.open(path, plugin=None)`` stop asking which reader to use
+  (a bare ``viewer.open(path)`` is napari's built-in reader by napari's own default).
 """
 
 from __future__ import annotations

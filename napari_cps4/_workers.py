@@ -8,16 +8,17 @@ holds the interpreter lock for long stretches and would stall the viewer mid-run
 
 Training shares the cores with the viewer and with whatever else the machine runs, so a
 worker trains under :func:`background_priority`: torch uses one thread fewer than the
-cores, and the worker thread runs at a lower scheduling priority
-(:data:`WORKER_NICENESS` above the viewer's, Linux per-thread nice), so that the GUI
-thread is scheduled first whenever both are ready.
+cores, which leaves a core for the GUI thread. The worker thread keeps the viewer's
+scheduling priority on purpose: it holds the interpreter lock between torch kernels, and
+a lowered (niced) worker preempted by another process while holding it makes the GUI
+thread wait for it — the event loop's worst gap beside a busy process was 500–670 ms with
+the worker at nice +10 against about 20 ms without (tests/test_plugin_responsiveness.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Iterator, Literal
@@ -33,9 +34,6 @@ from cps4_engine.stage1 import Stage1Config, iter_pretrain
 from cps4_engine.stage2 import Stage2Config, iter_train
 
 Stage = Literal[1, 2]
-WORKER_NICENESS = 10
-"""How much lower (in nice steps) a training worker thread runs than the viewer."""
-
 
 def training_threads() -> int:
     """Torch threads for a training worker: one fewer than the cores, at least one."""
@@ -44,30 +42,16 @@ def training_threads() -> int:
 
 @contextlib.contextmanager
 def background_priority() -> Iterator[None]:
-    """Run the calling (worker) thread's training in the background of the viewer.
+    """Train in the calling (worker) thread with :func:`training_threads` torch threads.
 
-    Sets ``torch.set_num_threads`` to :func:`training_threads` and, where the OS allows a
-    thread its own priority (Linux), raises this thread's nice value by
-    :data:`WORKER_NICENESS`; both are restored on exit (napari reuses pool threads).
+    ``torch.set_num_threads`` is restored on exit (napari reuses pool threads).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, training_threads()))
-    thread = threading.get_native_id()
-    niceness = None
-    try:
-        niceness = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + WORKER_NICENESS))
-    except (AttributeError, OSError):  # no per-thread priority here: threads alone must do
-        niceness = None
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        if niceness is not None:
-            # Lowering nice again may need privilege (RLIMIT_NICE); refused, the pool
-            # thread stays in the background, where it only ever runs workers.
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, thread, niceness)
 
 
 @dataclass

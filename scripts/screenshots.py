@@ -37,7 +37,7 @@ from qtpy.QtWidgets import QApplication
 
 from cps4_engine.data import write_label_status
 from cps4_engine.synthetic import write_synthetic_dataset
-from napari_cps4._training_widget import STAGES
+from napari_cps4._training_widget import DICE_AXIS, LOSS_AXIS, STAGES
 
 STAGE1, STAGE2 = list(STAGES)
 WIDGETS = ("Data and labeling", "Training", "Per-class review", "Prompt inspector")
@@ -84,10 +84,9 @@ def show_run_history(training, run: Path) -> None:
     training.method_combo.setCurrentText(str(config["method"]))
     training.plot.reset(f"{STAGE2}: {run.parent.name}/{run.name}")
     for record in history["steps"]:
-        training.plot.add_loss(int(record["step"]), float(record["losses"]["total"]))
+        training.plot.add(LOSS_AXIS, int(record["step"]), float(record["losses"]["total"]))
     for record in history["validation"]:
-        training.plot.add_dice(int(record["step"]), float(record["dice"]))
-    wait_for(lambda: not training.plot.busy, 120)
+        training.plot.add(DICE_AXIS, int(record["step"]), float(record["dice"]))
 
 
 def main(argv: list[str] | None = None) -> None:

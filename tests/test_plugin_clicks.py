@@ -32,6 +32,7 @@ from cps4_engine.synthetic import sample_volume, write_synthetic_dataset
 from napari_cps4._layers import AFFINE_KEY
 from napari_cps4._review_widget import STATUS_COLUMN
 from napari_cps4._training_widget import STAGES
+from napari_cps4._refine import ROUND_AXIS
 
 pytestmark = pytest.mark.viewer
 
@@ -269,7 +270,7 @@ def test_every_button_of_every_dock_by_clicks(docked, qtbot, tmp_path: Path, mon
     assert not panel.save_button.isEnabled(), "saving waits while a round writes the workspace"
     qtbot.waitUntil(lambda: panel.retrain_button.isEnabled(), timeout=RUN_TIMEOUT_MS)
     assert not notes.take_errors()
-    assert panel.plot.rounds == [1] and 0.0 <= panel.plot.dice[0] <= 1.0
+    assert panel.plot.points(ROUND_AXIS)[0] == [1] and 0.0 <= panel.plot.points(ROUND_AXIS)[1][0] <= 1.0
     queued = [panel.queue_table.item(r, 0).text() for r in range(panel.queue_table.rowCount())]
     assert sorted(queued) == ["Case2", "Case5"]
     panel.steps_spin.setValue(100_000)  # a round only Stop ends
@@ -277,7 +278,7 @@ def test_every_button_of_every_dock_by_clicks(docked, qtbot, tmp_path: Path, mon
     clicks.click(panel.stop_button)
     qtbot.waitUntil(lambda: panel.retrain_button.isEnabled(), timeout=RUN_TIMEOUT_MS)
     assert not notes.take_errors()
-    assert panel.plot.rounds == [1] and "cancelled" in panel.progress_label.text()
+    assert panel.plot.points(ROUND_AXIS)[0] == [1] and "cancelled" in panel.progress_label.text()
 
     click_cell(qtbot, panel.queue_table, queued.index("Case2"))
     assert panel.current_case == "Case2"

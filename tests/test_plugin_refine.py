@@ -14,7 +14,7 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.io import write_volume
 from cps4_engine.labels import mrspineseg_scheme
 from napari_cps4._layers import labels_layer_data
-from napari_cps4._refine import RefinementPanel
+from napari_cps4._refine import ROUND_AXIS, RefinementPanel
 
 pytestmark = pytest.mark.viewer
 
@@ -155,7 +155,7 @@ def test_embedded_in_the_review_widget_and_retraining_off_the_gui_thread(
     assert not panel.retrain_button.isEnabled()
     qtbot.waitUntil(lambda: panel.retrain_button.isEnabled(), timeout=120_000)
     assert panel.workspace.current_round == 1
-    assert panel.plot.rounds == [1] and 0.0 <= panel.plot.dice[0] <= 1.0
+    assert panel.plot.points(ROUND_AXIS)[0] == [1] and 0.0 <= panel.plot.points(ROUND_AXIS)[1][0] <= 1.0
     assert [entry.case_id for entry in panel.queue] == ["case1"]
     assert worker.is_running is False
 

@@ -37,12 +37,15 @@ class GapRecorder:
         self.timer.timeout.connect(self._tick)
         self.last: float | None = None
         self.longest_s = 0.0
+        self.longest_after_s = 0.0
+        self.started = time.perf_counter()
         self.ticks = 0
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        if self.last is not None:
-            self.longest_s = max(self.longest_s, now - self.last)
+        if self.last is not None and now - self.last > self.longest_s:
+            self.longest_s = now - self.last
+            self.longest_after_s = self.last - self.started
         self.last = now
         self.ticks += 1
 
@@ -51,18 +54,26 @@ class GapRecorder:
             self.timer.stop()
 
 
-def test_worker_trains_with_one_thread_fewer_than_the_cores_and_lower_priority() -> None:
+def test_worker_trains_with_one_thread_fewer_than_the_cores_at_the_viewers_priority() -> None:
     import os
     import threading
 
+    viewer_thread = threading.get_native_id()
+    viewer_nice = os.getpriority(os.PRIO_PROCESS, viewer_thread)
     before_threads = torch.get_num_threads()
-    thread = threading.get_native_id()
-    before_nice = os.getpriority(os.PRIO_PROCESS, thread)
-    with background_priority():
-        assert torch.get_num_threads() == min(before_threads, training_threads())
-        assert training_threads() == max(1, (os.cpu_count() or 1) - 1)
-        assert os.getpriority(os.PRIO_PROCESS, thread) == min(19, before_nice + 10)
-        assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == before_nice, "only the worker thread"
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        with background_priority():
+            seen["threads"] = torch.get_num_threads()
+            seen["worker_nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert training_threads() == max(1, (os.cpu_count() or 1) - 1)
+    assert seen["threads"] == min(before_threads, training_threads())
+    assert seen["worker_nice"] == viewer_nice, "a niced worker holding the GIL stalls the viewer"
     assert torch.get_num_threads() == before_threads
 
 
@@ -92,7 +103,8 @@ def test_event_loop_gap_while_training_beside_a_busy_process(make_napari_viewer,
         busy.kill()
         busy.wait()
     print(f"\nlongest event-loop gap while stage 2 trained beside a busy process: "
-          f"{gaps.longest_s * 1000:.1f} ms over {gaps.ticks} ticks of a 10 ms timer")
+          f"{gaps.longest_s * 1000:.1f} ms, {gaps.longest_after_s:.2f} s after the start, over "
+          f"{gaps.ticks} ticks of a 10 ms timer")
     assert widget.result is not None and widget.result.last_event.kind == "end"
     assert gaps.ticks > 10
     assert gaps.longest_s <= WORST_GAP_S

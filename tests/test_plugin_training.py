@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
+from qtpy.QtGui import QImage
 
 from cps4_engine.errors import CPS4Error
 from cps4_engine.synthetic import write_synthetic_dataset
 from napari_cps4._inspector_widget import InspectorWidget
 from napari_cps4._review_widget import CONFIDENCE_COLUMN, ReviewWidget
-from napari_cps4._training_widget import STAGES, TrainingWidget, parse_labeled
+from napari_cps4._plot import LOSS_COLOUR
+from napari_cps4._training_widget import LOSS_AXIS, STAGES, TrainingWidget, parse_labeled
 
 pytestmark = pytest.mark.viewer
 
@@ -70,6 +72,15 @@ def _configure(widget: TrainingWidget, data: Path, out: Path, stage: str, steps:
     widget.text_encoder_edit.setText("tiny")
 
 
+def _pixels_of(widget, colour: str) -> int:
+    """How many pixels of ``widget``'s rendering are within 40 RGB levels of ``colour``."""
+    image = widget.grab().toImage().convertToFormat(QImage.Format.Format_RGB888)
+    rows = np.frombuffer(image.constBits().asstring(image.sizeInBytes()), np.uint8)
+    pixels = rows.reshape(image.height(), image.bytesPerLine())[:, : 3 * image.width()].reshape(-1, 3)
+    target = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(pixels.astype(int) - target).max(axis=1) <= 40).sum())
+
+
 def test_labeled_count_or_fraction() -> None:
     assert parse_labeled("2") == 2
     assert parse_labeled("0.05") == pytest.approx(0.05)
@@ -90,9 +101,9 @@ def test_stage1_then_stage2_from_the_widget_and_inspector(make_napari_viewer, qt
     assert widget.result is not None and widget.result.last_event.kind == "end"
     assert (tmp_path / "stage1" / "model.safetensors").is_file()
     assert widget.vlm_edit.text() == str(widget.result.run_dir)
-    assert len(widget.plot.losses) == 3
-    qtbot.waitUntil(lambda: not widget.plot.busy, timeout=RUN_TIMEOUT_MS)
-    assert widget.plot.renders >= 1 and widget.plot.pixmap() is not None
+    steps, losses = widget.plot.points(LOSS_AXIS)
+    assert steps == [1.0, 2.0, 3.0] and all(loss > 0 for loss in losses)
+    assert _pixels_of(widget.plot, LOSS_COLOUR) > 20, "the loss curve is painted"
 
     _configure(widget, tiny_dataset, tmp_path / "stage2", STAGE2, steps=6)
     widget.method_combo.setCurrentText("cps4")

@@ -18,6 +18,7 @@ from cps4_engine.active.workspace import Workspace
 from cps4_engine.errors import CPS4Error
 from cps4_engine.io import write_volume
 from cps4_engine.labels import mrspineseg_scheme
+from napari_cps4._refine import ROUND_AXIS
 
 pytestmark = pytest.mark.viewer
 
@@ -88,7 +89,7 @@ def test_both_docks_hold_one_workspace_object(docks, qtbot) -> None:
     # The data dock's table follows the round without being reopened.
     after = status_of(data, "case1")
     assert after == panel.workspace.state("case1") and after != before
-    assert panel.plot.rounds == [1]
+    assert panel.plot.points(ROUND_AXIS)[0] == [1]
 
 
 def test_saving_is_off_while_a_round_runs_and_stop_cancels_it(docks, qtbot) -> None:
