@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from cps4_engine.options import METHODS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ORDERS = ("uncertainty", "random")
 PROTOCOL = {
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--max-steps", type=int, default=None, help="stage-2 steps per round")
-    parser.add_argument("--method", default="mean-teacher", choices=["supervised", "mean-teacher", "cps4"])
+    parser.add_argument("--method", default="mean-teacher", choices=METHODS)
     parser.add_argument("--vlm", help="stage-1 run folder (for --method cps4)")
     parser.add_argument("--rounds", type=int, default=4, help="correction rounds after round 0")
     parser.add_argument("--k", type=int, default=2, help="volumes corrected per round")

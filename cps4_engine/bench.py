@@ -512,13 +512,15 @@ def _plan(datasets: list[PreparedDataset], settings: BenchSettings) -> tuple[lis
         for seed in settings.seeds:
             for count in dataset.labeled:
                 payload = dict(base, labeled_count=count)
-                vlm = Task("vlm", dataset.name, seed, count, payload=dict(payload))
-                first.append(vlm)
                 for method in settings.methods:
                     if BENCH_METHODS[method][0] != "cps4":
                         first.append(Task("train", dataset.name, seed, count, method, dict(payload)))
-                waiting[vlm.key] = [Task("train", dataset.name, seed, count, method, dict(payload))
-                                    for method in settings.methods if BENCH_METHODS[method][0] == "cps4"]
+                prompted = [Task("train", dataset.name, seed, count, method, dict(payload))
+                            for method in settings.methods if BENCH_METHODS[method][0] == "cps4"]
+                if prompted:  # stage 1 is pretrained only for the methods that read its maps
+                    vlm = Task("vlm", dataset.name, seed, count, payload=dict(payload))
+                    first.append(vlm)
+                    waiting[vlm.key] = prompted
             if settings.full_supervision:
                 full = dataset.train_count - _validation_count(settings, dataset.train_count)
                 first.append(Task("train", dataset.name, seed, FULL, "supervised",

@@ -21,6 +21,8 @@ PSEUDO_LABELS: tuple[str, ...] = ("teacher", "prompt", "fused")
 # How each class map's weight in fused pseudo-labels is set (cps4_engine.fusion.class_weights);
 # None picks "reliability" when the stage-1 run recorded class_reliability.json, else "global".
 PROMPT_WEIGHTINGS: tuple[str, ...] = ("global", "reliability")
+# The only pseudo-label source whose class maps are weighted (the others take no weighting).
+WEIGHTED_PSEUDO_LABEL = "fused"
 # Share of the decoder's input channels dropped in UniMatch's feature-perturbed view (its value).
 DEFAULT_FEATURE_DROPOUT = 0.5
 

@@ -80,7 +80,7 @@ from cps4_engine.checkpoint import load_weights, read_run_config, write_run_conf
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import class_weights, combine_with_teacher, read_class_reliability
-from cps4_engine.options import BASES, DEFAULT_BASE, DEFAULT_FEATURE_DROPOUT, METHODS, PROMPT_WEIGHTINGS
+from cps4_engine.options import BASES, DEFAULT_BASE, DEFAULT_FEATURE_DROPOUT, METHODS, PROMPT_WEIGHTINGS, WEIGHTED_PSEUDO_LABEL
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
@@ -681,7 +681,7 @@ class Stage2Trainer(StageTask):
         mode = self.config.prompt_weighting
         if mode is not None and mode not in PROMPT_WEIGHTINGS:
             raise CPS4Error(f"--prompt-weighting {mode!r} is unknown; choose one of {', '.join(PROMPT_WEIGHTINGS)}")
-        if self.pseudo_label_source != "fused":
+        if self.pseudo_label_source != WEIGHTED_PSEUDO_LABEL:
             if mode is not None:
                 raise CPS4Error(f"--prompt-weighting {mode} weighs fused pseudo-labels; this run's are "
                                 f"{self.pseudo_label_source or 'not used'} (use --method cps4 --pseudo-label fused)")

@@ -4,7 +4,9 @@ The options mirror ``cps4 pretrain`` / ``cps4 train`` and their lists and defaul
 from :mod:`cps4_engine.options`: dataset, labeled volumes (a count such as ``2`` or a
 fraction such as ``0.05``), steps (the preset's default until changed), size preset,
 device (those this machine has), text encoder (stage 1; empty = the installed pretrained
-MiniLM), method and stage-1 run (stage 2), output run folder.
+MiniLM), method, stage-1 run and, for cps4, its semi-supervised base, pseudo-label source and
+prompt weighting (stage 2; "auto" weighting lets the engine pick reliability when the stage-1
+run recorded class_reliability.json, else global), output run folder.
 
 *Start* first checks the split the run will draw (:func:`cps4_engine.data.plan_split`) and
 warns, as viewer notifications, about what would teach less than expected (no validation
@@ -47,9 +49,22 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent
 from cps4_engine.inference import Prediction
 from cps4_engine.io import Volume
-from cps4_engine.options import DEFAULT_LABELED, DEFAULT_METHOD, DEFAULT_PRESET, METHODS, PRESETS, default_steps, device_choices
+from cps4_engine.options import (
+    BASES,
+    DEFAULT_BASE,
+    DEFAULT_LABELED,
+    DEFAULT_METHOD,
+    DEFAULT_PRESET,
+    METHODS,
+    PRESETS,
+    PROMPT_WEIGHTINGS,
+    PSEUDO_LABELS,
+    WEIGHTED_PSEUDO_LABEL,
+    default_steps,
+    device_choices,
+)
 from cps4_engine.stage1 import Stage1Config
-from cps4_engine.stage2 import Stage2Config
+from cps4_engine.stage2 import Stage2Config, resolve_pseudo_label
 from napari_cps4._view import prepare_viewer
 from napari_cps4._common import LayerCombo, reports_errors, scrolling
 from napari_cps4._layers import SOURCE_KEY, labels_layer_data, layer_affine
@@ -59,6 +74,8 @@ from napari_cps4._workers import TrainingResult, training_events
 STAGES = {"Stage 1 — prompt pretraining": 1, "Stage 2 — segmentation": 2}
 LOSS_AXIS = "loss"
 DICE_AXIS = "validation Dice"
+# The prompt-weighting entry that leaves the choice to the engine (Stage2Config's None).
+AUTO_WEIGHTING = "auto"
 # The dock's field for each command-line option the engine's messages name.
 OPTION_FIELDS = {
     "--labeled": "Labeled volumes",
@@ -68,6 +85,9 @@ OPTION_FIELDS = {
     "--preset": "Preset",
     "--device": "Device",
     "--method": "Method",
+    "--base": "Base",
+    "--pseudo-label": "Pseudo-labels",
+    "--prompt-weighting": "Prompt weights",
     "--text-encoder": "Text encoder",
 }
 
@@ -113,6 +133,21 @@ class TrainingWidget(QWidget):
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
         self.method_combo.setCurrentText(DEFAULT_METHOD)
+        self.base_combo = QComboBox()
+        self.base_combo.addItems(BASES)
+        self.base_combo.setCurrentText(DEFAULT_BASE)
+        self.base_combo.setToolTip("the semi-supervised method cps4 trains its fused pseudo-labels with")
+        self.pseudo_label_combo = QComboBox()
+        self.pseudo_label_combo.addItems(PSEUDO_LABELS)
+        self.pseudo_label_combo.setCurrentText(resolve_pseudo_label("cps4", None))
+        self.pseudo_label_combo.setToolTip("cps4 pseudo-labels from the teacher, the class-prompt maps, or both fused")
+        self.prompt_weighting_combo = QComboBox()
+        self.prompt_weighting_combo.addItems([AUTO_WEIGHTING, *PROMPT_WEIGHTINGS])
+        self.prompt_weighting_combo.setToolTip(
+            "each class map's weight in fused pseudo-labels: global (one weight for all) or reliability "
+            "(scaled by the map's stage-1 validation Dice); auto: reliability when the stage-1 run "
+            "recorded class_reliability.json, else global"
+        )
         self.vlm_edit = QLineEdit()
         self.vlm_edit.setPlaceholderText("stage-1 run folder (for cps4)")
         self.out_edit = QLineEdit()
@@ -133,6 +168,12 @@ class TrainingWidget(QWidget):
         form.addRow(self.method_label, self.method_combo)
         self.vlm_label = QLabel("Stage-1 run")
         form.addRow(self.vlm_label, self.vlm_edit)
+        self.base_label = QLabel("Base")
+        form.addRow(self.base_label, self.base_combo)
+        self.pseudo_label_label = QLabel("Pseudo-labels")
+        form.addRow(self.pseudo_label_label, self.pseudo_label_combo)
+        self.prompt_weighting_label = QLabel("Prompt weights")
+        form.addRow(self.prompt_weighting_label, self.prompt_weighting_combo)
         form.addRow("Run folder", self.out_edit)
         self.preview_label = QLabel("Predict image")
         form.addRow(self.preview_label, self.preview_combo)
@@ -164,6 +205,8 @@ class TrainingWidget(QWidget):
         layout.addStretch(1)
         scrolling(self, content)
         self.steps_spin.valueChanged.connect(self._steps_changed_by_user)
+        self.method_combo.currentTextChanged.connect(self._show_applicable_options)
+        self.pseudo_label_combo.currentTextChanged.connect(self._show_applicable_options)
         self._stage_changed(self.stage_combo.currentText())
 
     # public API (used by the buttons and by tests) ----------------------------------------
@@ -199,8 +242,16 @@ class TrainingWidget(QWidget):
         vlm_text = self.vlm_edit.text().strip()
         if method == "cps4" and not vlm_text:
             raise CPS4Error("method cps4 needs a stage-1 run folder (train stage 1 first)")
-        vlm = Path(vlm_text) if method == "cps4" else None
-        return Stage2Config(method=method, vlm=vlm, **common)
+        if method != "cps4":
+            return Stage2Config(method=method, **common)
+        pseudo_label = self.pseudo_label_combo.currentText()
+        weighting = self.prompt_weighting_combo.currentText()
+        if weighting == AUTO_WEIGHTING or pseudo_label != WEIGHTED_PSEUDO_LABEL:
+            weighting = None
+        return Stage2Config(
+            method=method, vlm=Path(vlm_text), base=self.base_combo.currentText(), pseudo_label=pseudo_label,
+            prompt_weighting=weighting, **common,
+        )
 
     def start(self, resume: bool = False) -> GeneratorWorker:
         """Start (or, with ``resume``, continue) training the chosen stage in a thread worker.
@@ -342,10 +393,21 @@ class TrainingWidget(QWidget):
         self._show_default_steps()
         for widget in (self.text_encoder_label, self.text_encoder_edit, self.fine_tune_text_check):
             widget.setVisible(self._stage == 1)
-        for widget in (self.method_label, self.method_combo, self.vlm_label, self.vlm_edit,
-                       self.preview_label, self.preview_combo):
+        for widget in (self.method_label, self.method_combo, self.preview_label, self.preview_combo):
             widget.setVisible(self._stage == 2)
+        self._show_applicable_options()
 
+    def _show_applicable_options(self) -> None:
+        """Show the stage-1 run, base, pseudo-label and weighting fields for stage-2 cps4 only;
+        the weighting is enabled only for fused pseudo-labels, the only ones it weighs."""
+        cps4 = self._stage == 2 and self.method_combo.currentText() == "cps4"
+        for widget in (self.vlm_label, self.vlm_edit, self.base_label, self.base_combo,
+                       self.pseudo_label_label, self.pseudo_label_combo,
+                       self.prompt_weighting_label, self.prompt_weighting_combo):
+            widget.setVisible(cps4)
+        fused = self.pseudo_label_combo.currentText() == WEIGHTED_PSEUDO_LABEL
+        self.prompt_weighting_label.setEnabled(fused)
+        self.prompt_weighting_combo.setEnabled(fused)
 
 
 def in_dock_words(message: str) -> str:

@@ -129,6 +129,24 @@ def test_bench_rejects_unknown_dataset(tmp_path: Path, capsys: pytest.CaptureFix
     assert "mnist" in capsys.readouterr().err
 
 
+def test_bench_methods_option_picks_the_rows(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from cps4_engine import bench
+
+    assert main(["bench", "--out", str(tmp_path / "bad"), "--methods", "unimatch,fixmatch"]) == 2
+    error = capsys.readouterr().err
+    assert "--methods fixmatch unknown; choose from supervised, mean-teacher, unimatch, cps4, cps4-unimatch" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert main(["bench", "--out", str(tmp_path / "empty"), "--methods", ","]) == 2
+    assert "--methods lists no method" in capsys.readouterr().err
+
+    chosen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(bench, "run_bench", lambda settings: chosen.append(settings.methods))
+    assert main(["bench", "--out", str(tmp_path / "some"), "--methods", "unimatch, cps4-unimatch"]) == 0
+    assert main(["bench", "--out", str(tmp_path / "all")]) == 0
+    assert chosen == [("unimatch", "cps4-unimatch"), tuple(bench.BENCH_METHODS)]
+
+
 def test_bench_smoke_writes_every_table(tmp_path: Path) -> None:
     from cps4_engine.bench import run_bench, smoke_settings
 

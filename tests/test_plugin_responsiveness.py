@@ -10,48 +10,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 
 from cps4_engine.synthetic import write_synthetic_dataset
 from napari_cps4._training_widget import STAGES, TrainingWidget
 from napari_cps4._workers import background_priority, training_threads
+
+from event_loop_gaps import GapRecorder
 
 pytestmark = pytest.mark.viewer
 
 STAGE2 = list(STAGES)[1]
 RUN_TIMEOUT_MS = 300_000
 WORST_GAP_S = 0.100
-
-
-class GapRecorder:
-    """The longest gap between ticks of a 10 ms QTimer on the GUI thread."""
-
-    def __init__(self) -> None:
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.timer.timeout.connect(self._tick)
-        self.last: float | None = None
-        self.longest_s = 0.0
-        self.longest_after_s = 0.0
-        self.started = time.perf_counter()
-        self.ticks = 0
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None and now - self.last > self.longest_s:
-            self.longest_s = now - self.last
-            self.longest_after_s = self.last - self.started
-        self.last = now
-        self.ticks += 1
-
-    def stop_at_end(self, event) -> None:
-        if event.kind in ("end", "cancelled"):
-            self.timer.stop()
 
 
 def test_worker_trains_with_one_thread_fewer_than_the_cores_at_the_viewers_priority() -> None:
@@ -94,11 +69,11 @@ def test_event_loop_gap_while_training_beside_a_busy_process(make_napari_viewer,
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         gaps = GapRecorder()
-        gaps.timer.start()
+        gaps.start()
         qtbot.mouseClick(widget.start_button, Qt.MouseButton.LeftButton)
         widget.worker.yielded.connect(gaps.stop_at_end)
         qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-        gaps.timer.stop()
+        gaps.stop()
     finally:
         busy.kill()
         busy.wait()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage
 
 from cps4_engine.errors import CPS4Error
@@ -15,43 +16,14 @@ from cps4_engine.synthetic import write_synthetic_dataset
 from napari_cps4._inspector_widget import InspectorWidget
 from napari_cps4._review_widget import CONFIDENCE_COLUMN, ReviewWidget
 from napari_cps4._plot import LOSS_COLOUR
-from napari_cps4._training_widget import LOSS_AXIS, STAGES, TrainingWidget, parse_labeled
+from napari_cps4._training_widget import AUTO_WEIGHTING, LOSS_AXIS, STAGES, TrainingWidget, parse_labeled
+
+from event_loop_gaps import GapRecorder
 
 pytestmark = pytest.mark.viewer
 
 STAGE1, STAGE2 = list(STAGES)
 RUN_TIMEOUT_MS = 120_000
-
-
-class GapRecorder:
-    """A 10 ms QTimer on the GUI thread; the longest gap between ticks is how long the
-    event loop was blocked."""
-
-    def __init__(self) -> None:
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.timer.timeout.connect(self._tick)
-        self.last: float | None = None
-        self.longest_s = 0.0
-        self.ticks = 0
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.longest_s = max(self.longest_s, now - self.last)
-        self.last = now
-        self.ticks += 1
-
-    def stop_at_end(self, event) -> None:
-        """Stop measuring when the trainer reports its last event (training is over)."""
-        if event.kind in ("end", "cancelled"):
-            self.stop()
-
-    def start(self) -> None:
-        self.timer.start()
-
-    def stop(self) -> None:
-        self.timer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +169,77 @@ def test_the_text_encoder_is_fixed_unless_fine_tuning_is_ticked(make_napari_view
     assert widget.build_config().freeze_text_encoder is False
     widget.stage_combo.setCurrentText(STAGE2)
     assert widget.fine_tune_text_check.isHidden()
+
+
+def _cps4_option_widgets(widget: TrainingWidget) -> list:
+    return [widget.vlm_edit, widget.base_combo, widget.pseudo_label_combo, widget.prompt_weighting_combo]
+
+
+def _click_start_and_wait(widget: TrainingWidget, qtbot) -> None:
+    qtbot.mouseClick(widget.start_button, Qt.MouseButton.LeftButton)
+    assert widget.worker is not None, widget.status_label.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+def test_cps4_on_unimatch_with_reliability_weighting_from_the_combos(
+    make_napari_viewer, qtbot, tiny_dataset, tmp_path
+) -> None:
+    widget = TrainingWidget(make_napari_viewer())
+    stage1 = tmp_path / "stage1"
+    _configure(widget, tiny_dataset, stage1, STAGE1, steps=3)
+    _click_start_and_wait(widget, qtbot)
+    assert widget.result.last_event.kind == "end"
+    assert (stage1 / "class_reliability.json").is_file()
+
+    _configure(widget, tiny_dataset, tmp_path / "stage2", STAGE2, steps=2)
+    widget.method_combo.setCurrentText("cps4")
+    widget.base_combo.setCurrentText("unimatch")
+    widget.pseudo_label_combo.setCurrentText("fused")
+    widget.prompt_weighting_combo.setCurrentText("reliability")
+    assert not any(option.isHidden() for option in _cps4_option_widgets(widget))
+    _click_start_and_wait(widget, qtbot)
+    assert widget.result.last_event.kind == "end", widget.status_label.text()
+    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
+    assert (config["method"], config["base"], config["pseudo_label"]) == ("cps4", "unimatch", "fused")
+    assert config["prompt_weighting"] == "reliability"
+    assert config["vlm"] == str(stage1.resolve())
+
+    # An engine error about a dock option names the dock's field, not the command-line flag.
+    without_reliability = tmp_path / "stage1_without_reliability"
+    shutil.copytree(stage1, without_reliability)
+    (without_reliability / "class_reliability.json").unlink()
+    widget.vlm_edit.setText(str(without_reliability))
+    widget.out_edit.setText(str(tmp_path / "refused"))
+    _click_start_and_wait(widget, qtbot)
+    status = widget.status_label.text()
+    assert status.startswith("failed:") and "'Prompt weights' reliability needs" in status, status
+    assert "--prompt-weighting" not in status
+
+
+def test_cps4_options_apply_to_stage2_cps4_only(make_napari_viewer, tiny_dataset, tmp_path) -> None:
+    widget = TrainingWidget(make_napari_viewer())
+    _configure(widget, tiny_dataset, tmp_path / "run", STAGE2, steps=2)
+    for method in ("supervised", "mean-teacher", "unimatch"):
+        widget.method_combo.setCurrentText(method)
+        assert all(option.isHidden() for option in _cps4_option_widgets(widget)), method
+        config = widget.build_config()
+        assert (config.method, config.base, config.vlm, config.pseudo_label, config.prompt_weighting) == (
+            method, None, None, None, None)
+
+    widget.method_combo.setCurrentText("cps4")
+    widget.vlm_edit.setText(str(tmp_path / "stage1"))
+    assert not any(option.isHidden() for option in _cps4_option_widgets(widget))
+    assert widget.prompt_weighting_combo.currentText() == AUTO_WEIGHTING
+    config = widget.build_config()
+    assert (config.base, config.pseudo_label, config.prompt_weighting) == ("mean-teacher", "fused", None)
+    widget.prompt_weighting_combo.setCurrentText("global")
+    assert widget.build_config().prompt_weighting == "global"
+    # Only fused pseudo-labels are weighted: the weighting is greyed out and not passed on.
+    widget.pseudo_label_combo.setCurrentText("teacher")
+    assert not widget.prompt_weighting_combo.isEnabled()
+    assert widget.build_config().prompt_weighting is None
+    widget.pseudo_label_combo.setCurrentText("fused")
+    assert widget.prompt_weighting_combo.isEnabled()
+
+    widget.stage_combo.setCurrentText(STAGE1)
+    assert all(option.isHidden() for option in _cps4_option_widgets(widget))

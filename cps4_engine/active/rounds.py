@@ -43,7 +43,8 @@ class RoundConfig:
     """Settings of a refinement round.
 
     Attributes:
-        method: stage-2 method, ``supervised``, ``mean-teacher`` or ``cps4``.
+        method: stage-2 method (:data:`cps4_engine.options.METHODS`): ``supervised``,
+            ``mean-teacher``, ``unimatch`` or ``cps4`` (on its default base).
         vlm: stage-1 run folder (needed by ``cps4``; its class maps also add the
             teacher/prompt disagreement to the uncertainty).
         preset: size preset (``tiny``, ``cpu``, ``paper``).

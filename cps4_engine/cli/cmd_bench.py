@@ -1,4 +1,4 @@
-"""``cps4 bench``: the stage-2 benchmark table (supervised, mean teacher, CPS4, ceiling)."""
+"""``cps4 bench``: the stage-2 benchmark table (supervised, mean teacher, UniMatch, CPS4 on either, ceiling)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def register(subparsers: Any) -> None:
         "bench",
         help="run the stage-2 benchmark and write bench.json and bench.md",
         description=(
-            "Supervised, mean-teacher and CPS4 at each protocol's labeled counts, full "
+            "Supervised, mean-teacher, unimatch, and CPS4 on mean teacher (cps4) and on UniMatch "
+            "(cps4-unimatch) at each protocol's labeled counts (--methods picks some), full "
             "supervision as the ceiling, over several seeds; Dice/HD95 on the test volumes, "
             "pseudo-label Dice (teacher vs fused) on the unlabeled training volumes, CPS4 / "
             "mean-teacher step-time ratio, predict time and peak memory per volume. "
@@ -45,6 +46,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seeds", type=_int_list, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--datasets", type=_name_list, default=("synthetic", "vb3_l1l5_t1"),
                         help="comma-separated protocols (default synthetic,vb3_l1l5_t1)")
+    # No default list here: the methods live in cps4_engine.bench, which imports torch.
+    parser.add_argument("--methods", type=_name_list,
+                        help="comma-separated methods, e.g. unimatch,cps4-unimatch (default: all)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--realdata", type=Path, help="real-data folder (default $CPS4_REALDATA or ../shared/realdata)")
     parser.add_argument("--timing-steps", type=int, default=30,
@@ -60,17 +64,23 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print where the tables went."""
-    from cps4_engine.bench import PROTOCOLS, BenchSettings, run_bench
+    from cps4_engine.bench import BENCH_METHODS, PROTOCOLS, BenchSettings, run_bench
     from cps4_engine.errors import CPS4Error
 
     unknown = [name for name in args.datasets if name not in PROTOCOLS]
     if unknown:
         raise CPS4Error(f"--datasets {','.join(unknown)} unknown; choose from {', '.join(PROTOCOLS)}")
+    methods = tuple(BENCH_METHODS) if args.methods is None else args.methods
+    unknown = [name for name in methods if name not in BENCH_METHODS]
+    if unknown:
+        raise CPS4Error(f"--methods {','.join(unknown)} unknown; choose from {', '.join(BENCH_METHODS)}")
+    if not methods:
+        raise CPS4Error("--methods lists no method")
     if not args.seeds:
         raise CPS4Error("--seeds lists no seed")
     settings = BenchSettings(
         out=args.out, device=args.device, preset=args.preset, max_steps=args.max_steps,
-        vlm_steps=args.vlm_steps, seeds=args.seeds,
+        vlm_steps=args.vlm_steps, seeds=args.seeds, methods=methods,
         protocols=tuple(PROTOCOLS[name] for name in args.datasets), jobs=args.jobs,
         realdata=args.realdata, timing_steps=args.timing_steps,
         full_supervision=not args.no_full_supervision, text_encoder=args.text_encoder,
