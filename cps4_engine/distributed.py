@@ -88,7 +88,15 @@ def setup(device_name: str = "auto") -> DistContext:
 
 
 def teardown(context: DistContext) -> None:
-    """Leave the process group if :func:`setup` created it."""
+    """Leave the process group if :func:`setup` created it.
+
+    Ranks leave at different times: rank 0 still validates and writes after the last step
+    while the others are done. A process that runs several trainings in a row must
+    therefore give each its own ``MASTER_PORT`` (or create the group once itself, which
+    :func:`setup` then joins): a rank that rejoins at the same address meets rank 0's
+    previous store, still listening, and the new group never forms (a hang, or a gloo
+    "Connection reset by peer").
+    """
     if context.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 

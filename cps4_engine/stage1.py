@@ -26,6 +26,15 @@ Run folder (``out``):
 
 Mixed precision on CUDA: bfloat16 autocast where supported, else float16 with a
 ``GradScaler``.
+
+Several processes (``torchrun --nproc_per_node N -m cps4_engine pretrain …``, gloo on CPU,
+NCCL on CUDA): the VLM trains under ``DistributedDataParallel``
+(:func:`~cps4_engine.distributed.wrap_dataclass_model`) with ``find_unused_parameters``, as
+some trainable parameters get no gradient (the image head without the contrastive term, a
+fine-tuned text backbone's pooler); each rank draws its batches from its own rank-strided
+shard of the slices; every rank runs every step (a cancel on any rank stops all); only
+rank 0 validates, through the plain model (the DDP wrapper's forward broadcasts the text
+backbone's buffers, a collective the other ranks would not join), and writes the run folder.
 """
 
 from __future__ import annotations
@@ -406,18 +415,10 @@ class Stage1Trainer(StageTask):
         )
 
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
-        """Train, yielding events; see :func:`iter_pretrain`.
-
-        Raises:
-            CPS4Error: launched under ``torchrun`` with more than one process: the
-                two-process run hangs or fails intermittently (DDP waiting on gradients), so
-                stage 1 runs in one process until that is found.
-        """
+        """Train, yielding events; see :func:`iter_pretrain`. Under ``torchrun`` every rank
+        trains and only rank 0 yields events and writes (:mod:`cps4_engine.distributed`)."""
         context = distributed.setup(self.config.device)
         try:
-            if context.world_size > 1:
-                raise CPS4Error("stage 1 does not run under torchrun with several processes yet; "
-                                "run `cps4 pretrain` in one process (stage 2 runs under torchrun)")
             yield from self.loop.run(context, cancel or CancelToken())
         finally:
             distributed.teardown(context)
@@ -469,6 +470,7 @@ class Stage1Trainer(StageTask):
             f"stage 1 on {self.context.device}: {len(self.split.labeled)} labeled volumes "
             f"({len(self.train_slices)} slices), {len(self.split.validation)} validation, "
             f"text encoder {self.model.text_encoder.source}"
+            + (f"; {self.context.world_size} processes, each on its own share of the slices" if self.context.distributed else "")
         )
 
     def after_step(self, step: int) -> None:

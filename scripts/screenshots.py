@@ -14,11 +14,13 @@ saved with a 256-colour palette to stay well under 300 KB.
 With ``--run RUN`` (a trained stage-2 run folder, e.g. one at the real budget) no stage 2
 is trained here: the Training dock shows that run's own curves (its ``history.json``) and
 the review dock segments the shown volume with that run (its *Run inference* button).
-``--image`` and ``--labels`` show a real volume and its mask instead of the sample (a
-model trained on vb3 should be shown on a vb3 volume it never saw)::
+With ``--stage1-run RUN1`` (a trained stage-1 run folder) no stage 1 is trained here and the
+prompt inspector shows that run's class maps. ``--image`` and ``--labels`` show a real
+volume and its mask instead of the sample (a model trained on vb3 should be shown on a vb3
+volume it never saw)::
 
     xvfb-run -a -s "-screen 0 1366x768x24" .venv/bin/python scripts/screenshots.py \
-        --out docs/images --run RUN \
+        --out docs/images --run RUN --stage1-run RUN1 \
         --image ../shared/realdata/vb3_l1l5_t1/case20_img.nii.gz \
         --labels ../shared/realdata/vb3_l1l5_t1/case20_seg.nii.gz
 """
@@ -98,11 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-width", type=int, default=1366)
     parser.add_argument("--run", type=Path, default=None,
                         help="a trained stage-2 run folder to show instead of training one here")
+    parser.add_argument("--stage1-run", type=Path, default=None,
+                        help="a trained stage-1 run folder for the prompt inspector instead of training one here")
     parser.add_argument("--image", type=Path, default=None, help="a NIfTI volume to show instead of the sample")
     parser.add_argument("--labels", type=Path, default=None, help="its mask (painted from in the data dock)")
     args = parser.parse_args(argv)
     if args.run is not None and not (args.run / "model.safetensors").is_file():
         parser.error(f"--run {args.run}: no model.safetensors there (a finished stage-2 run is needed)")
+    if args.stage1_run is not None and not (args.stage1_run / "model.safetensors").is_file():
+        parser.error(f"--stage1-run {args.stage1_run}: no model.safetensors there (a finished stage-1 run is needed)")
     if (args.image is None) != (args.labels is None):
         parser.error("--image and --labels go together")
     work = args.work or Path(tempfile.mkdtemp(prefix="cps4-screens-"))
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
 
     training = widgets["Training"]
     show_only(viewer, docks, "Training")
-    runs = [(STAGE1, args.stage1_steps, work / "stage1")]
+    stage1_run = args.stage1_run or work / "stage1"
+    runs = [] if args.stage1_run is not None else [(STAGE1, args.stage1_steps, stage1_run)]
     if args.run is None:
         runs.append((STAGE2, args.stage2_steps, work / "stage2"))
     for stage, steps, out in runs:
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     show_only(viewer, docks, "Prompt inspector")
     prediction.visible = False
     inspector.image_combo.select_layer(image)
-    inspector.run_edit.setText(str(work / "stage1"))
+    inspector.run_edit.setText(str(stage1_run))
     inspector.device_combo.setCurrentText("cpu")
     inspector.choose_class(4)
     inspector.inspect()

@@ -1,35 +1,72 @@
-"""Two-process DistributedDataParallel training on CPU (gloo), stage 2: the replicas stay
-identical, only rank 0 writes, each rank trains on its own slices. Stage 1 refuses several
-processes (its two-process run hung or failed intermittently)."""
+"""Two-process DistributedDataParallel training on CPU (gloo), stage 1 and stage 2: the
+replicas stay identical, every rank runs every step, only rank 0 writes, each rank trains
+on its own slices. A run that hangs fails the test after a timeout."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
+import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, Callable
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from _stage2_data import write_dataset
 from cps4_engine.checkpoint import load_weights, save_weights
 from cps4_engine.distributed import DistContext, rank_shard
+from cps4_engine.stage1 import RELIABILITY_FILE, Stage1Config, Stage1Trainer
 from cps4_engine.stage2 import Stage2Config, Stage2Trainer
+from cps4_engine.synthetic import write_synthetic_dataset
+
+WORLD_SIZE = 2
+# A tiny two-process run takes 15-40 s on two busy CPUs; past this it is hung.
+TIMEOUT_S = 240
+# A worker still running this close to the timeout prints where it waits, then exits.
+STACK_DUMP_MARGIN_S = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (the probes stay bound until all are picked)."""
+    with ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
 
 
-def _worker(rank: int, world_size: int, port: int, data: str, out: str, results: str) -> None:
+def _join_as(rank: int, port: int) -> None:
+    """The environment ``torchrun`` gives rank ``rank`` of a group meeting at ``port``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def _spawn(worker: Callable[..., None], *args: Any) -> None:
+    """Run ``worker(rank, *args)`` in ``WORLD_SIZE`` processes; fail instead of hanging."""
+    processes = mp.spawn(worker, args=args, nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not processes.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail(f"{WORLD_SIZE} training processes still running after {TIMEOUT_S} s: hung")
+
+
+def _watch_for_hang() -> None:
+    faulthandler.dump_traceback_later(TIMEOUT_S - STACK_DUMP_MARGIN_S, exit=True)
+
+
+def _worker(rank: int, port: int, data: str, out: str, results: str) -> None:
+    _watch_for_hang()
+    _join_as(rank, port)
     config = Stage2Config(
         data=data, out=out, labeled=2, method="mean-teacher", preset="tiny", max_steps=3,
         device="cpu", seed=0, validation=1, validation_every=3,
@@ -44,7 +81,7 @@ def test_two_gloo_processes_train_identical_replicas(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", cases=6)
     out, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(out), str(results)), nprocs=2, join=True)
+    _spawn(_worker, _free_ports(1)[0], str(data), str(out), str(results))
 
     first = load_weights(results / "rank0.safetensors")
     second = load_weights(results / "rank1.safetensors")
@@ -66,7 +103,84 @@ def test_rank_shards_partition_the_items() -> None:
     assert rank_shard(1, DistContext(1, 2, 1, torch.device("cpu"))).tolist() == [0]
 
 
-
 # Stage 1 with the frozen text backbone (cached prompt states, the default) and with a
 # fine-tuned one plus the contrastive term: each has trainable parameters that no loss
 # term reaches (the image head without the contrastive term, the backbone's pooler).
+STAGE1_VARIANTS = {
+    "frozen": {},
+    "fine-tuned": {"freeze_text_encoder": False, "contrastive_weight": 0.5},
+}
+STAGE1_STEPS = 4
+
+
+def _stage1_out(root: str, variant: str, rank: int) -> Path:
+    """Rank 0 trains into ``root/variant``; any other rank is given a folder of its own, so
+    the test sees that it writes nothing there."""
+    return Path(root) / (variant if rank == 0 else f"{variant}-rank{rank}")
+
+
+def _stage1_worker(rank: int, ports: list[int], data: str, root: str) -> None:
+    _watch_for_hang()
+    for (name, changes), port in zip(STAGE1_VARIANTS.items(), ports):
+        # One rendezvous port per run: rank 1 leaves a run's group while rank 0 still
+        # validates and writes, and would otherwise rejoin rank 0's old store
+        # (distributed.teardown).
+        _join_as(rank, port)
+        config = Stage1Config(
+            data=data, out=str(_stage1_out(root, name, rank)), labeled=2, preset="tiny",
+            max_steps=STAGE1_STEPS, device="cpu", text_encoder="tiny", seed=0, validation=1,
+            validation_every=2, **changes,
+        )
+        trainer = Stage1Trainer(config)
+        torch.manual_seed(config.seed)  # as the trainer seeds before it builds the model
+        initial = trainer.build_model().state_dict()
+        events = list(trainer.events())
+        results = Path(root) / "results" / name
+        results.mkdir(parents=True, exist_ok=True)
+        save_weights(results / f"rank{rank}.safetensors", trainer.model.state_dict())
+        if rank == 0:
+            save_weights(results / "initial.safetensors", initial)
+        images = next(trainer.batches)[0]
+        (results / f"rank{rank}.json").write_text(json.dumps({
+            "kinds": [event.kind for event in events], "steps": trainer.step,
+            "start": events[0].message if events else None,
+            "next_batch_sum": float(images.sum()),
+        }))
+
+
+def test_stage1_on_two_gloo_processes_keeps_identical_replicas_and_only_rank0_writes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, cases=4, seed=11)
+    _spawn(_stage1_worker, _free_ports(len(STAGE1_VARIANTS)), str(data), str(tmp_path))
+
+    for name in STAGE1_VARIANTS:
+        results, out = tmp_path / "results" / name, tmp_path / name
+        rank0, rank1 = (json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1))
+        # Each rank draws from its own shard, so only DDP's averaged gradients keep them equal.
+        assert rank0["next_batch_sum"] != rank1["next_batch_sum"], name
+        first, second = load_weights(results / "rank0.safetensors"), load_weights(results / "rank1.safetensors")
+        initial = load_weights(results / "initial.safetensors")
+        assert first.keys() == second.keys() == initial.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{name}: {key} differs between the ranks"
+        moved = [key for key in first if not torch.equal(first[key], initial[key])]
+        assert any(key.startswith("image_encoder.") for key in moved) and "head.log_scale" in moved, name
+        assert ("image_head.bias" in moved) == (name == "fine-tuned")
+        assert any(key.startswith("text_encoder.backbone.encoder.") for key in moved) == (name == "fine-tuned")
+
+        assert rank0["steps"] == rank1["steps"] == STAGE1_STEPS
+        assert rank0["kinds"][0] == "start" and rank0["kinds"][-1] == "end"
+        assert "2 processes, each on its own share of the slices" in rank0["start"]
+        assert rank0["kinds"].count("step") == STAGE1_STEPS and rank0["kinds"].count("validation") == 2
+        assert rank1["kinds"] == []
+        assert not _stage1_out(str(tmp_path), name, 1).exists(), f"{name}: rank 1 wrote a run folder"
+
+        history = json.loads((out / "history.json").read_text())
+        assert [entry["step"] for entry in history["steps"]] == list(range(1, STAGE1_STEPS + 1))
+        assert [entry["step"] for entry in history["validation"]] == [2, 4]
+        assert all(torch.equal(load_weights(out / "last.safetensors")[key], first[key]) for key in first)
+        best = max(history["validation"], key=lambda entry: entry["dice"])
+        reliability = json.loads((out / RELIABILITY_FILE).read_text())
+        assert reliability["step"] == best["step"] and reliability["volumes"] == 1
+        assert (out / "model.safetensors").is_file()
+        assert json.loads((out / "config.json").read_text())["stage"] == 1
