@@ -58,6 +58,8 @@ def run_one(args: argparse.Namespace) -> dict:
         for c in cases[args.train_cases :]
     ]
     method = args.method if args.base is None else f"{args.method}-on-{args.base}"
+    if args.prompt_weight is not None:
+        method += f"-w{args.prompt_weight:g}"
     name = f"{args.dataset}_{args.variant}_{method}_l{args.labeled}_s{args.seed}"
     if args.dataset == "vb3_l1l5_t1":
         name = name.removeprefix("vb3_l1l5_t1_")
@@ -69,6 +71,7 @@ def run_one(args: argparse.Namespace) -> dict:
         preset=args.preset, max_steps=args.max_steps, train_cases=args.train_cases, seed=args.seed,
         device="cpu", validation=args.validation, validation_every=args.validation_every,
         vlm=args.vlm, base=args.base, **overrides,
+        **({} if args.prompt_weight is None else {"prompt_weight": args.prompt_weight}),
     ))
     seconds = time.perf_counter() - began
     result = {"variant": args.variant, "method": method, "labeled": args.labeled, "seed": args.seed,
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeled", type=int, default=13)
     parser.add_argument("--base", default=None, help="semi-supervised base of --method cps4 (mean-teacher, unimatch)")
     parser.add_argument("--vlm", type=Path, default=None, help="stage-1 run folder (--method cps4)")
+    parser.add_argument("--prompt-weight", type=float, default=None,
+                        help="cap of the class maps' weight in fused pseudo-labels (default: the engine's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a set of the real data, or a name for --data")
     parser.add_argument("--data", type=Path, default=None, help="a dataset folder instead of the real data")
