@@ -83,11 +83,22 @@ def test_class_probabilities_are_the_batched_foreground_class_attention() -> Non
         expected = vlm(images).class_attention[:, 1:]
     assert probabilities.shape == (5, 19, 64, 32) and torch.allclose(probabilities, expected, atol=1e-5)
     assert float(probabilities.sum(dim=1).max()) <= 1.0 + 1e-5
-    heat, shares = vlm.prompt_response(images[:2], "l3 vertebra")
-    assert heat.shape == (2, 64, 32) and shares.shape == (4,) and abs(float(shares.sum()) - 1.0) < 1e-5
+    text = "the third lumbar vertebra"
+    heat, shares = vlm.prompt_response(images[:2], text)
+    tokens = int(vlm.encode_prompts([text]).mask[0].sum())
+    assert heat.shape == (2, 64, 32) and shares.shape == (tokens,) and abs(float(shares.sum()) - 1.0) < 1e-5
     with torch.no_grad():
-        free = vlm(images[:2], vlm.encode_prompts([*PROMPTS, "l3 vertebra"])).class_attention[:, -1]
+        free = vlm(images[:2], vlm.encode_prompts([*PROMPTS, text])).class_attention[:, -1]
     assert torch.allclose(heat, free, atol=1e-6)
+
+
+def test_a_class_prompts_own_text_reads_its_channel_at_full_share() -> None:
+    vlm = _tiny_vlm().eval()
+    images = torch.rand(3, 1, 64, 32)
+    l3 = 4
+    heat, shares = vlm.prompt_response(images, vlm.prompts[l3])
+    assert torch.allclose(heat, vlm.class_probabilities(images)[:, l3 - 1], atol=1e-5), "not split with a duplicate"
+    assert abs(float(shares.sum()) - 1.0) < 1e-5
 
 
 def test_paper_preset_builds_a_vit_b16_unetr() -> None:

@@ -199,8 +199,10 @@ class VLM(nn.Module):
     def prompt_response(self, images: torch.Tensor, text: str, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """How slices respond to a free-text prompt.
 
-        The prompt is added after the class prompts, so in the class attention it
-        competes with them for every pixel.
+        A new text is added after the class prompts, so in the class attention it
+        competes with them for every pixel; the text of a class prompt is read from that
+        class's own channel (added again, the two identical prompts would split every
+        pixel's share in half).
 
         Args:
             images: float ``(S, 1, H, W)`` in [0, 1].
@@ -215,15 +217,19 @@ class VLM(nn.Module):
         """
         was_training = self.training
         self.eval()
-        encoded = self.encode_prompts([*self.prompts, text])
-        count = int(encoded.mask[-1].sum())
-        tokens = F.normalize(encoded.tokens[-1, :count], dim=-1)
+        prompts = list(self.prompts)
+        if text not in prompts:
+            prompts.append(text)
+        channel = prompts.index(text)
+        encoded = self.encode_prompts(prompts)
+        count = int(encoded.mask[channel].sum())
+        tokens = F.normalize(encoded.tokens[channel, :count], dim=-1)
         scale = self.head.log_scale.exp()
         maps, token_mass = [], torch.zeros(count, device=self.device)
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(self.device, dtype=torch.float32)
             output = self(batch, encoded)
-            response = output.class_attention[:, -1]
+            response = output.class_attention[:, channel]
             token_softmax = torch.softmax(
                 scale * torch.einsum("bdhw,td->bthw", F.normalize(output.pixel_embeddings.float(), dim=1), tokens), dim=1
             )
