@@ -47,7 +47,7 @@ from typing import Literal, Sequence
 import torch
 
 from cps4_engine.errors import CPS4Error
-from cps4_engine.options import PROMPT_WEIGHTINGS
+from cps4_engine.options import PROMPT_WEIGHTINGS, PSEUDO_LABELS
 from cps4_engine.presets import DEFAULT_PROMPT_WEIGHT
 
 NUM_FOREGROUND = 19
@@ -60,7 +60,6 @@ RELIABILITY_FLOOR = 0.3
 RELIABILITY_CEILING = 0.8
 
 CombineMode = Literal["teacher", "prompt", "fused"]
-COMBINE_MODES: tuple[str, ...] = ("teacher", "prompt", "fused")
 
 
 @dataclass
@@ -267,8 +266,8 @@ def combine_with_teacher(
     Raises:
         ValueError: unknown mode, weight outside [0, 1], or mismatched shapes.
     """
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"unknown fusion mode {mode!r}; choose one of {', '.join(COMBINE_MODES)}")
+    if mode not in PSEUDO_LABELS:
+        raise ValueError(f"unknown fusion mode {mode!r}; choose one of {', '.join(PSEUDO_LABELS)}")
     if isinstance(prompt_weight, torch.Tensor):
         if tuple(prompt_weight.shape) != (NUM_FOREGROUND,):
             raise ValueError(f"per-class prompt_weight must have shape ({NUM_FOREGROUND},); got "

@@ -80,7 +80,15 @@ from cps4_engine.checkpoint import load_weights, read_run_config, write_run_conf
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import class_weights, combine_with_teacher, read_class_reliability
-from cps4_engine.options import BASES, DEFAULT_BASE, DEFAULT_FEATURE_DROPOUT, METHODS, PROMPT_WEIGHTINGS, WEIGHTED_PSEUDO_LABEL
+from cps4_engine.options import (
+    BASES,
+    DEFAULT_BASE,
+    DEFAULT_FEATURE_DROPOUT,
+    METHODS,
+    PROMPT_WEIGHTINGS,
+    PSEUDO_LABELS,
+    WEIGHTED_PSEUDO_LABEL,
+)
 from cps4_engine.models.segmenter import NUM_CLASSES, build_segmenter, segmenter_config
 from cps4_engine.preprocess import (
     IGNORE_INDEX,
@@ -104,7 +112,6 @@ from cps4_engine.training import (
 )
 
 WARMUP_FRACTION = 0.05
-PSEUDO_LABEL_SOURCES: tuple[str, ...] = ("teacher", "prompt", "fused")
 SCHEME_NAME = "mrspineseg"
 
 MODEL_FILE = BEST_FILE
@@ -250,9 +257,9 @@ def resolve_pseudo_label(method: str, pseudo_label: str | None) -> str | None:
     """
     if method not in METHODS:
         raise CPS4Error(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if pseudo_label is not None and pseudo_label not in PSEUDO_LABEL_SOURCES:
+    if pseudo_label is not None and pseudo_label not in PSEUDO_LABELS:
         raise CPS4Error(
-            f"--pseudo-label {pseudo_label!r} is unknown; choose one of {', '.join(PSEUDO_LABEL_SOURCES)}"
+            f"--pseudo-label {pseudo_label!r} is unknown; choose one of {', '.join(PSEUDO_LABELS)}"
         )
     if method == "supervised":
         return None
