@@ -7,7 +7,7 @@ import torch
 from cps4_engine.losses import Stage1Loss, Stage1LossWeights, one_hot_targets
 from cps4_engine.models.image_encoder import build_image_encoder
 from cps4_engine.models.text import load_text_encoder
-from cps4_engine.models.vlm import VLM
+from cps4_engine.models.vlm import VLM, PromptPixelHead
 from cps4_engine.presets import get_preset
 
 PROMPTS = ["background"] + [f"l{i} vertebra" for i in range(1, 20)]
@@ -130,3 +130,18 @@ def test_without_centring_the_heads_see_the_raw_pooled_prompts() -> None:
     vlm = VLM(build_image_encoder(preset), load_text_encoder("tiny", embed_dim=preset.embed_dim), PROMPTS, preset, centre_prompts=False).eval()
     encoded = vlm.encode_prompts()
     assert torch.equal(vlm.head_prompts(encoded.pooled), encoded.pooled)
+
+
+def test_prompt_pixel_head_is_the_scaled_cosine_for_slice_maps_and_pooled_vectors() -> None:
+    torch.manual_seed(3)
+    head = PromptPixelHead(initial_scale=7.0, initial_bias=-2.0)
+    prompts = torch.randn(5, 6)
+    pixels = torch.randn(2, 6, 4, 3)
+    pixels[1, :, 0, 0] = 0.0
+    expected = 7.0 * torch.nn.functional.cosine_similarity(
+        pixels.unsqueeze(1), prompts.view(1, 5, 6, 1, 1), dim=2, eps=1e-12) - 2.0
+    assert torch.allclose(head(pixels, prompts), expected, atol=1e-5)
+    assert torch.equal(head(pixels, prompts)[1, :, 0, 0], torch.full((5,), -2.0))
+    pooled = pixels.mean(dim=(2, 3))
+    expected_pooled = 7.0 * torch.nn.functional.cosine_similarity(pooled.unsqueeze(1), prompts.unsqueeze(0), dim=2) - 2.0
+    assert torch.allclose(head(pooled, prompts), expected_pooled, atol=1e-5)
