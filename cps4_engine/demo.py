@@ -64,7 +64,7 @@ class DemoSettings:
     seed: int = 2026
     preset: str = "cpu"
     stage1_steps: int = 400
-    stage2_steps: int = 900
+    stage2_steps: int = 750
     text_encoder: str | None = None
 
 
@@ -73,7 +73,7 @@ class DemoSettings:
 # stage-1 step costs little more than the image encoder's, and the cpu preset's 128x64
 # slices; quick uses the small random text encoder and the tiny preset's 64x32 slices.
 DEFAULT_SETTINGS = DemoSettings(
-    cases=16, train_cases=12, labeled=3, preset="cpu", stage1_steps=400, stage2_steps=900, text_encoder=None
+    cases=16, train_cases=12, labeled=3, preset="cpu", stage1_steps=400, stage2_steps=750, text_encoder=None
 )
 QUICK_SETTINGS = DemoSettings(
     cases=8, train_cases=6, labeled=2, preset="tiny", stage1_steps=60, stage2_steps=150, text_encoder="tiny"
