@@ -467,6 +467,14 @@ def _restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def random_states(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's random number generator states: the global ones (Python, NumPy,
+    torch, CUDA) under ``random`` and the named ``generators`` under ``generators``, as
+    :func:`save_training_state` takes them for the other ranks of a distributed run."""
+    return {"random": _random_states(),
+            "generators": {name: generator.get_state() for name, generator in (generators or {}).items()}}
+
+
 def save_training_state(
     path: str | Path,
     step: int,
@@ -474,6 +482,7 @@ def save_training_state(
     scaler: torch.amp.GradScaler | None = None,
     generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
+    other_ranks: dict[int, dict[str, Any]] | None = None,
 ) -> Path:
     """Save what resuming a run needs as one safetensors file, atomically.
 
@@ -490,11 +499,22 @@ def save_training_state(
         generators: named ``torch.Generator`` objects the trainer draws from (e.g. the
             batch sampler's).
         extra: JSON-ready values the trainer needs back (e.g. the best validation score).
+        other_ranks: in a distributed run, :func:`random_states` of every other rank by
+            rank, so that each rank resumes its own draws (augmentations, batches,
+            dropout) rather than rank 0's.
 
     Returns:
         The path written.
     """
     tensors: dict[str, torch.Tensor] = {}
+    ranks = {
+        str(rank): {
+            "random": _split_value(states["random"], f"rank{rank}.random", tensors),
+            "generators": {name: _split_value(value, f"rank{rank}.generator.{name}", tensors)
+                           for name, value in states["generators"].items()},
+        }
+        for rank, states in (other_ranks or {}).items()
+    }
     state = {
         "step": int(step),
         "optimizer": _split_value(optimizer.state_dict(), "optimizer", tensors),
@@ -502,6 +522,7 @@ def save_training_state(
         "random": _split_value(_random_states(), "random", tensors),
         "generators": {name: _split_value(generator.get_state(), f"generator.{name}", tensors) for name, generator in (generators or {}).items()},
         "extra": extra or {},
+        "ranks": ranks,
     }
     payload = save_safetensors_bytes(tensors, metadata={_STATE_KEY: json.dumps(state)})
     path = Path(path)
@@ -514,11 +535,14 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None = None,
     generators: dict[str, torch.Generator] | None = None,
+    rank: int = 0,
 ) -> tuple[int, dict[str, Any]]:
     """Restore a state written by :func:`save_training_state` in place.
 
     Loads the optimiser (and scaler) state, resets the global random number generators
-    and the named ``generators``.
+    and the named ``generators``: to ``rank``'s states where the file holds them (rank 0,
+    or a rank it recorded), otherwise to rank 0's (a state saved by a single process or
+    by fewer ranks).
 
     Returns:
         ``(step, extra)``: the steps done and the trainer's extra values.
@@ -537,10 +561,11 @@ def load_training_state(
     try:
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(_join_value(state["scaler"], tensors))
-        _restore_random_states(_join_value(state["random"], tensors))
+        own = state.get("ranks", {}).get(str(rank), state) if rank else state
+        _restore_random_states(_join_value(own["random"], tensors))
         for name, generator in (generators or {}).items():
-            if name in state.get("generators", {}):
-                generator.set_state(_join_value(state["generators"][name], tensors))
+            if name in own.get("generators", {}):
+                generator.set_state(_join_value(own["generators"][name], tensors))
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
         raise CPS4Error(f"training state is damaged ({_short(error)})", path=path) from None
     return state["step"], state.get("extra", {})

@@ -191,6 +191,15 @@ def any_rank(flag: bool, context: DistContext) -> bool:
     return bool(value.item() > 0)
 
 
+def gather_objects(value: Any, context: DistContext) -> list[Any]:
+    """Every rank's picklable ``value`` in rank order, on every rank (``[value]`` alone)."""
+    if not context.distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier(context: DistContext) -> None:
     """Wait until every rank reaches this point (no-op in a single process)."""
     if context.distributed:

@@ -24,6 +24,8 @@ way for stage 1 and stage 2:
   :class:`~cps4_engine.events.CancelToken` is set, which takes effect before the next step.
 - **several processes** (``torchrun``): the task's step runs on every rank; only rank 0
   writes, and a cancel on any rank stops all of them (:mod:`cps4_engine.distributed`).
+  At each checkpoint rank 0 gathers every rank's random states into the training state,
+  so that on resume each rank continues its own draws, not rank 0's.
 
 Batches come from torch ``DataLoader`` objects over the stage's ``Dataset`` with a sampler
 that draws one batch per pass (:func:`batches`), so the draws are those of the sampler's
@@ -49,6 +51,7 @@ from cps4_engine import distributed
 from cps4_engine.checkpoint import (
     load_training_state,
     load_weights,
+    random_states,
     read_history,
     save_training_state,
     save_weights,
@@ -242,7 +245,8 @@ class TrainingLoop:
             for name, network in task.extra_weights().items():
                 network.load_state_dict(load_weights(out / name, context.device))
             start_step, extra = load_training_state(
-                out / STATE_FILE, task.optimizer, scaler if scaler.is_enabled() else None, generators=task.generators
+                out / STATE_FILE, task.optimizer, scaler if scaler.is_enabled() else None, generators=task.generators,
+                rank=context.rank,
             )
             stored = extra.get("best_score")
             best_score = -math.inf if stored is None else float(stored)
@@ -261,7 +265,12 @@ class TrainingLoop:
             last_epoch=start_step - 1,
         )
 
-        def checkpoint(step: int) -> Path:
+        def rank_states() -> dict[int, dict]:
+            """Every other rank's random states, for the state file (all ranks must call it)."""
+            gathered = distributed.gather_objects(random_states(task.generators), context)
+            return dict(enumerate(gathered))
+
+        def checkpoint(step: int, other_ranks: dict[int, dict] | None = None) -> Path:
             path = save_weights(out / LAST_FILE, task.model.state_dict())
             for name, network in task.extra_weights().items():
                 save_weights(out / name, network.state_dict())
@@ -271,6 +280,7 @@ class TrainingLoop:
                 out / STATE_FILE, step, task.optimizer, scaler if scaler.is_enabled() else None,
                 generators=task.generators,
                 extra={"best_score": best_score if math.isfinite(best_score) else None, "best_source": best_source},
+                other_ranks={rank: states for rank, states in (other_ranks or {}).items() if rank != context.rank},
             )
             write_json_atomically(out / HISTORY_FILE, history)
             return path
@@ -282,8 +292,9 @@ class TrainingLoop:
         step = start_step
         while step < settings.max_steps:
             if distributed.any_rank(cancel.cancelled, context):
+                states = rank_states()
                 if main:
-                    path = checkpoint(step)
+                    path = checkpoint(step, states)
                     yield TrainEvent("cancelled", step=step, max_steps=settings.max_steps, path=str(path),
                                      message=f"{settings.stage} cancelled at step {step}; resume with --resume")
                 return
@@ -314,7 +325,9 @@ class TrainingLoop:
                 history["steps"].append({"step": step, "losses": losses, "lr": learning_rate, "step_s": elapsed})
                 yield TrainEvent("step", step=step, max_steps=settings.max_steps, losses=losses, eta_s=eta,
                                  message=f"loss {losses.get('total', float(total.detach())):.4f}")
-            if main and (step % settings.validation_every == 0 or step == settings.max_steps):
+            at_checkpoint = step % settings.validation_every == 0 or step == settings.max_steps
+            states = rank_states() if at_checkpoint else None
+            if main and at_checkpoint:
                 scores = task.validate()
                 if scores:
                     metrics = {}
@@ -331,7 +344,7 @@ class TrainingLoop:
                         message=f"validation Dice {metrics.get('dice', math.nan):.3f} "
                                 f"(best {best_score:.3f}, {best_source})",
                     )
-                path = checkpoint(step)
+                path = checkpoint(step, states)
                 yield TrainEvent("checkpoint", step=step, max_steps=settings.max_steps, path=str(path),
                                  message="last model and training state saved")
         if main:

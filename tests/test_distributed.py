@@ -18,10 +18,13 @@ import torch
 import torch.multiprocessing as mp
 
 from _stage2_data import write_dataset
-from cps4_engine.checkpoint import load_weights, save_weights
+from cps4_engine.checkpoint import load_training_state, load_weights, save_weights
 from cps4_engine.distributed import DistContext, rank_shard
+from cps4_engine.models.segmenter import build_segmenter
+from cps4_engine.presets import get_preset
 from cps4_engine.stage1 import RELIABILITY_FILE, Stage1Config, Stage1Trainer
 from cps4_engine.stage2 import Stage2Config, Stage2Trainer
+from cps4_engine.training import STATE_FILE
 from cps4_engine.synthetic import write_synthetic_dataset
 
 WORLD_SIZE = 2
@@ -74,7 +77,9 @@ def _worker(rank: int, port: int, data: str, out: str, results: str) -> None:
     trainer = Stage2Trainer(config)
     events = list(trainer.run())
     save_weights(Path(results) / f"rank{rank}.safetensors", trainer.student.state_dict())
-    (Path(results) / f"rank{rank}.json").write_text(json.dumps({"events": len(events)}))
+    # What each rank would draw next: a resumed rank must draw the same.
+    next_draws = {name: torch.rand(4, generator=generator).tolist() for name, generator in trainer.generators.items()}
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps({"events": len(events), "next_draws": next_draws}))
 
 
 def test_two_gloo_processes_train_identical_replicas(tmp_path: Path) -> None:
@@ -93,8 +98,17 @@ def test_two_gloo_processes_train_identical_replicas(tmp_path: Path) -> None:
     assert [entry["step"] for entry in history["steps"]] == [1, 2, 3]
     saved = load_weights(out / "last.safetensors")
     assert all(torch.allclose(saved[name], first[name], atol=1e-6) for name in first)
-    assert json.loads((results / "rank0.json").read_text())["events"] > 0
-    assert json.loads((results / "rank1.json").read_text())["events"] == 0
+    rank0, rank1 = (json.loads((results / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["events"] > 0 and rank1["events"] == 0
+
+    # The state file holds each rank's generators: a resumed rank continues its own draws.
+    assert rank0["next_draws"] != rank1["next_draws"]
+    optimizer = torch.optim.AdamW(build_segmenter(get_preset("tiny")).parameters())
+    for rank, recorded in ((0, rank0), (1, rank1)):
+        generators = {name: torch.Generator() for name in recorded["next_draws"]}
+        load_training_state(out / STATE_FILE, optimizer, generators=generators, rank=rank)
+        resumed = {name: torch.rand(4, generator=generator).tolist() for name, generator in generators.items()}
+        assert resumed == recorded["next_draws"], f"rank {rank} would not resume its own draws"
 
 
 def test_rank_shards_partition_the_items() -> None:

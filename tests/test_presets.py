@@ -12,6 +12,7 @@ import torch
 from cps4_engine.checkpoint import (
     load_training_state,
     load_weights,
+    random_states,
     read_run_config,
     save_training_state,
     save_weights,
@@ -101,6 +102,26 @@ def test_training_state_resumes_exactly(tmp_path) -> None:
     assert draws == expected_draws
     _step(resumed, resumed_optimizer)
     assert torch.allclose(resumed.weight, expected_weight)
+
+
+def test_each_rank_resumes_its_own_random_draws(tmp_path) -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    rank0_sampler = torch.Generator().manual_seed(5)
+    torch.manual_seed(100)
+    rank1 = random_states({"sampler": torch.Generator().manual_seed(6)})
+    torch.manual_seed(0)
+    save_training_state(tmp_path / "state.safetensors", 3, optimizer, generators={"sampler": rank0_sampler},
+                        other_ranks={1: rank1})
+    expected = {0: (torch.rand(1).item(), torch.rand(1, generator=rank0_sampler).item())}
+    torch.manual_seed(100)
+    expected[1] = (torch.rand(1).item(), torch.rand(1, generator=torch.Generator().manual_seed(6)).item())
+    # Rank 2 was not recorded (the run had two ranks): it falls back to rank 0's draws.
+    expected[2] = expected[0]
+    for rank in (0, 1, 2):
+        sampler = torch.Generator()
+        load_training_state(tmp_path / "state.safetensors", optimizer, generators={"sampler": sampler}, rank=rank)
+        assert (torch.rand(1).item(), torch.rand(1, generator=sampler).item()) == expected[rank], rank
 
 
 def test_weights_file_is_not_a_training_state(tmp_path) -> None:
