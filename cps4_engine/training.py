@@ -266,7 +266,7 @@ class TrainingLoop:
         )
 
         def rank_states() -> dict[int, dict]:
-            """Every other rank's random states, for the state file (all ranks must call it)."""
+            """Every rank's random states by rank, for the state file (all ranks must call it)."""
             gathered = distributed.gather_objects(random_states(task.generators), context)
             return dict(enumerate(gathered))
 
