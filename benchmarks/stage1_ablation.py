@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, help="evaluate at most this many test volumes per run (smoke runs)")
     parser.add_argument("--realdata", type=Path, default=Path(os.environ.get("CPS4_REALDATA", PROJECT_ROOT.parent / "shared" / "realdata")))
     parser.add_argument("--validation-every", type=int, help="steps between validations (default: the preset's)")
+    parser.add_argument("--labeled", type=int, default=2,
+                        help="labeled training volumes, drawn by the seed as in the stage-2 runs (default 2)")
     parser.add_argument("--validation", type=int, default=2,
                         help="validation volumes carved from the training volumes (as the stage-2 runs: 2)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
@@ -401,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
             for variant, text, centre, freeze in runs:
                 text_tag = "tiny" if text == "tiny" else "default" if text is None else Path(text).name
                 weight_tag = "" if args.attention_weight == 1.0 else f"_w{args.attention_weight:g}"
-                tag = f"{name}_{variant}{weight_tag}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}_s{seed}"
+                labeled_tag = "" if args.labeled == 2 else f"_l{args.labeled}"
+                tag = f"{name}_{variant}{weight_tag}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}{labeled_tag}_s{seed}"
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
-                                     validation_every=args.validation_every, freeze_text=freeze,
+                                     labeled=args.labeled, validation_every=args.validation_every, freeze_text=freeze,
                                      centre_prompts=centre, attention_weight=args.attention_weight,
                                      validation=args.validation))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
