@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--dataset", default="vb3_l1l5_t1")
+    parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a dataset of the real-data folder")
+    parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
     parser.add_argument("--train-cases", type=int, default=14)
     parser.add_argument("--worst", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
     scored = []
-    for case in list(open_dataset(find_realdata(None) / args.dataset).cases)[args.train_cases :]:
+    folder = args.data or find_realdata(None) / args.dataset
+    for case in list(open_dataset(folder).cases)[args.train_cases :]:
         image = read_volume(case.image_path)
         truth = read_volume(case.label_path, kind="label")
         raw = predict_volume(model, image, keep_probabilities=False, level_step=False).labels
