@@ -23,7 +23,9 @@ way for stage 1 and stage 2:
   ``validation``, ``checkpoint``, ``end``; ``cancelled`` after a checkpoint when the
   :class:`~cps4_engine.events.CancelToken` is set, which takes effect before the next step.
 - **several processes** (``torchrun``): the task's step runs on every rank; only rank 0
-  writes, and a cancel on any rank stops all of them (:mod:`cps4_engine.distributed`).
+  writes and yields events, and a cancel on any rank stops all of them
+  (:mod:`cps4_engine.distributed`); there every rank yields ``cancelled`` (the others
+  with no message), so every process exits as cancelled.
   At each checkpoint rank 0 gathers every rank's random states into the training state,
   so that on resume each rank continues its own draws, not rank 0's.
 
@@ -231,7 +233,7 @@ class TrainingLoop:
         self.settings = settings
 
     def run(self, context: distributed.DistContext, cancel: CancelToken) -> Iterator[TrainEvent]:
-        """Train, yielding events (only rank 0 yields and writes)."""
+        """Train, yielding events (only rank 0 writes and yields, but every rank yields ``cancelled``)."""
         task, settings, out, main = self.task, self.settings, self.settings.out, context.is_main
         start_step = 0
         best_score, best_source = -math.inf, None
@@ -297,6 +299,9 @@ class TrainingLoop:
                     path = checkpoint(step, states)
                     yield TrainEvent("cancelled", step=step, max_steps=settings.max_steps, path=str(path),
                                      message=f"{settings.stage} cancelled at step {step}; resume with --resume")
+                else:
+                    # Silent on the console, but every torchrun process must exit as cancelled.
+                    yield TrainEvent("cancelled", step=step, max_steps=settings.max_steps)
                 return
             began = time.perf_counter()
             task.model.train()

@@ -198,3 +198,33 @@ def test_stage1_on_two_gloo_processes_keeps_identical_replicas_and_only_rank0_wr
         assert reliability["step"] == best["step"] and reliability["volumes"] == 1
         assert (out / "model.safetensors").is_file()
         assert json.loads((out / "config.json").read_text())["stage"] == 1
+
+
+def _cancelling_worker(rank: int, port: int, data: str, out: str, results: str) -> None:
+    from cps4_engine.cli._progress import print_training_progress
+    from cps4_engine.events import CancelToken
+
+    _watch_for_hang()
+    _join_as(rank, port)
+    config = Stage2Config(
+        data=data, out=out, labeled=2, method="mean-teacher", preset="tiny", max_steps=50,
+        device="cpu", seed=0, validation=1, validation_every=50,
+    )
+    cancel = CancelToken()
+    if rank == 1:  # Ctrl-C reaches one process before its first step
+        cancel.cancel()
+    status = print_training_progress(Stage2Trainer(config).run(cancel), cancel, "stage 2")
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps({"status": status}))
+
+
+def test_a_cancel_on_one_rank_makes_every_torchrun_process_exit_as_cancelled(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", cases=6)
+    out, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    _spawn(_cancelling_worker, _free_ports(1)[0], str(data), str(out), str(results))
+
+    statuses = [json.loads((results / f"rank{rank}.json").read_text())["status"] for rank in range(WORLD_SIZE)]
+    assert statuses == [130, 130]
+    history = json.loads((out / "history.json").read_text())
+    assert history["steps"] == []  # cancelled before the first step, checkpointed by rank 0
+    assert (out / STATE_FILE).is_file()

@@ -47,6 +47,8 @@ def print_training_progress(
                 bar.write(f"step {event.step}: {event.message}")
             elif event.kind == "cancelled":
                 status = 130
+                if not event.message:
+                    continue
                 if bar is not None:
                     bar.write(event.message)
                 else:
