@@ -35,6 +35,7 @@ def _variants() -> dict[str, dict]:
         "squeezed": {"keep_aspect": False, "slice_size": (128, 64)},
         "no-schedule": {"schedule": "constant"},
         "res128": {"slice_size": (128, 128)},
+        "strong-labeled": {"labeled_strong": True},
     }
 
 

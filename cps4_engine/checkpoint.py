@@ -189,6 +189,7 @@ _PRESET_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_aspect": _BOOL,
     "context_slices": _int_in(0, 16),
     "fov_shift": _float_in(0.0, 1.0),
+    "labeled_strong": _BOOL,
 }
 _SEGMENTER_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "in_channels": _int_in(1, 64),

@@ -76,6 +76,10 @@ class Preset:
             superior-inferior by up to this fraction of its height (and zooms by up to
             the same fraction), so that where the image border lies cannot tell the
             network which level it is looking at.
+        labeled_strong: the stage-2 labeled slices also get the strong intensity
+            augmentation (bias field, contrast, noise, blur, dropout) on top of the weak
+            view, as the unlabeled slices of the student do; False trains on their weak
+            view only.
     """
 
     name: str
@@ -103,6 +107,7 @@ class Preset:
     context_slices: int = 0
     fov_shift: float = 0.05
     seg_res_units: int = 2
+    labeled_strong: bool = False
 
     def to_dict(self) -> dict:
         """The preset as JSON-ready values (tuples become lists)."""

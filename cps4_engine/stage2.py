@@ -167,7 +167,7 @@ class Stage2Config:
         init_weights: a segmenter ``.safetensors`` file (e.g. a previous refinement
             round's ``model.safetensors``) the student and teacher start from instead of
             a random initialisation; ignored when resuming.
-        slice_size, keep_aspect, context_slices, fov_shift: override the preset's
+        slice_size, keep_aspect, context_slices, fov_shift, labeled_strong: override the preset's
             recipe (:class:`~cps4_engine.presets.Preset`) for ablations; None keeps it.
         schedule: learning-rate schedule, ``cosine`` (linear warm-up over the first 5 %
             of the steps, then cosine decay to 0) or ``constant``.
@@ -205,6 +205,7 @@ class Stage2Config:
     keep_aspect: bool | None = None
     context_slices: int | None = None
     fov_shift: float | None = None
+    labeled_strong: bool | None = None
     schedule: str = "cosine"
     gradient_clip: float | None = 1.0
 
@@ -634,7 +635,7 @@ class Stage2Trainer(StageTask):
         recipe = {
             "slice_size": None if config.slice_size is None else tuple(int(n) for n in config.slice_size),
             "keep_aspect": config.keep_aspect, "context_slices": config.context_slices,
-            "fov_shift": config.fov_shift,
+            "fov_shift": config.fov_shift, "labeled_strong": config.labeled_strong,
         }
         self.preset: Preset = replace(
             get_preset(config.preset), **{key: value for key, value in recipe.items() if value is not None}
@@ -867,6 +868,8 @@ class Stage2Trainer(StageTask):
         config, device = self.config, self.context.device
         labeled = next(self.labeled_batches)
         weak_labeled = self.augmenter.weak({"image": labeled["image"].to(device), "label": labeled["label"].to(device)})
+        if self.preset.labeled_strong:
+            weak_labeled["image"] = self.augmenter.strong(weak_labeled["image"])
         count = weak_labeled["image"].shape[0]
         if self.unlabeled_batches is None:
             logits = self.trained(weak_labeled["image"]).float()

@@ -464,3 +464,25 @@ def test_reliability_weighting_without_the_file_or_with_a_broken_one_is_a_one_li
     broken = _stage1_with_reliability(tmp_path / "broken", [0.5] * 18)
     with pytest.raises(CPS4Error, match="'dice' must list 19"):
         Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=broken))
+
+
+@pytest.mark.parametrize("labeled_strong", [False, True])
+def test_labeled_slices_get_the_strong_view_only_when_the_recipe_asks(
+    dataset: Path, tmp_path: Path, labeled_strong: bool
+) -> None:
+    trainer = Stage2Trainer(_config(dataset, tmp_path / "run", labeled_strong=labeled_strong))
+    seen: list[torch.Tensor] = []
+    context = distributed.setup("cpu")
+    try:
+        trainer.setup(context)
+        strong = trainer.augmenter.strong
+        trainer.augmenter.strong = lambda images: seen.append(images) or strong(images)  # type: ignore[method-assign]
+        network_inputs: list[torch.Tensor] = []
+        trainer.trained.register_forward_pre_hook(lambda _module, args: network_inputs.append(args[0]))
+        trainer.loss(0)
+    finally:
+        distributed.teardown(context)
+    assert trainer.run_config()["preset"]["labeled_strong"] is labeled_strong
+    assert len(seen) == (1 if labeled_strong else 0)
+    if labeled_strong:  # the network saw the corrupted view, not the weak one
+        assert not torch.equal(network_inputs[0], seen[0])
