@@ -31,7 +31,11 @@ Specks (below 10 % of the largest structure of their kind) and then structures s
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
 background: a fragment below L5 would otherwise be counted as the lowest level and shift
 every name by one (seen on real vb3 predictions, where fragments were 13–17 % of the median
-body).
+body). A structure that reaches the superior end of the field of view is a level the field
+of view cuts, however small its visible part (phantom predictions kept 270–560 voxels of
+such bodies, a quarter of the median or less); it stays unless it is a speck of under
+:data:`EDGE_MIN_FRACTION` of the median. Counting starts at the caudal end, so a structure
+kept at the cranial end cannot rename any other.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ SPECK_FRACTION = 0.1
 # Each piece of a cut structure holds at least this share of the median structure's voxels
 # (the median itself is inflated where most structures are fused) and of the structure cut.
 MIN_PIECE_FRACTION = 0.25
+# A structure cut by the superior end of the field of view is kept down to this share of the
+# median structure of its kind; below it, it is a speck (1-9 voxels in phantom predictions).
+EDGE_MIN_FRACTION = 0.05
 MIN_PIECE_OF_STRUCTURE = 0.2
 # Height histogram bin (mm) and smoothing (mm) used to find the waist between fused bodies.
 _WAIST_BIN_MM = 1.0
@@ -208,6 +215,16 @@ def find_structures(
         voxels = np.stack(np.unravel_index(index, labels.shape), axis=-1)
         structures += _split_component(labels_flat, index, superior_height(affine, voxels), kind)
     return sorted(structures, key=lambda structure: structure.height_mm)
+
+
+def reaches_superior_end(structure: Structure, shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """Whether ``structure`` has voxels in the volume's most superior plane (the voxel axis
+    closest to the affine's superior direction, at its superior end): the field of view
+    cuts it there."""
+    column = np.asarray(affine, dtype=np.float64)[2, :3]
+    axis = int(np.argmax(np.abs(column)))
+    end = shape[axis] - 1 if column[axis] > 0 else 0
+    return bool((np.unravel_index(structure.index, shape)[axis] == end).any())
 
 
 def _heights(structure: Structure, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -422,7 +439,9 @@ def make_levels_consistent(
         affine: its ``(4, 4)`` voxel-to-world matrix; the superior axis comes from it.
         scheme: the label scheme (vertebra and disc ids, disc names).
         min_fraction: structures smaller than this share of the median structure of their
-            kind (specks below 10 % of the largest left out of the median) become background.
+            kind (specks below 10 % of the largest left out of the median) become background,
+            except those the superior end of the field of view cuts
+            (:data:`EDGE_MIN_FRACTION`).
 
     Returns:
         ``(labels, report)``: a new volume of the input's shape and dtype, and a
@@ -435,17 +454,22 @@ def make_levels_consistent(
     for kind in ("vertebra", "disc"):
         structures = find_structures(labels, affine, scheme, kind)
         largest = max((s.size for s in structures), default=0)
+        specks = [s for s in structures if s.size < SPECK_FRACTION * largest]
         bodies = [s for s in structures if s.size >= SPECK_FRACTION * largest]
-        for speck in (s for s in structures if s.size < SPECK_FRACTION * largest):
-            flat[speck.index] = 0
-            report.removed_voxels += speck.size
         bodies = merge_close_pieces(split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine))
         typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
-        kept[kind] = [s for s in bodies if s.size >= min_fraction * typical]
+        speck_ids = {id(s) for s in specks}
+
+        def is_level(structure: Structure) -> bool:
+            if structure.size >= min_fraction * typical and id(structure) not in speck_ids:
+                return True
+            return structure.size >= EDGE_MIN_FRACTION * typical and reaches_superior_end(structure, labels.shape, affine)
+
+        kept[kind] = sorted((s for s in bodies + specks if is_level(s)), key=lambda s: s.height_mm)
         kept_ids = {id(s) for s in kept[kind]}
-        for fragment in (s for s in bodies if id(s) not in kept_ids):
-            flat[fragment.index] = 0
-            report.removed_voxels += fragment.size
+        for dropped in (s for s in bodies + specks if id(s) not in kept_ids):
+            flat[dropped.index] = 0
+            report.removed_voxels += dropped.size
     vertebra_ids, disc_ids = spine_levels(scheme)
     by_short = {info.short: info.id for info in scheme.classes}
     vertebra_anchors = [by_short[name] for name in CAUDAL_ANCHOR_SHORT_NAMES if name in by_short]

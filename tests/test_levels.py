@@ -146,3 +146,30 @@ def test_fused_pairs_are_cut_even_when_most_structures_are_fused() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
     assert set(np.unique(fixed[10:25, 5:35])) == {L1} and set(np.unique(fixed[115:130, 5:35])) == {L4}
+
+
+T12 = 7
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "kept_as"),
+    [
+        # 1 x 6 x 4 = 24 voxels (7 % of a body, a speck by size) in the top plane: a T12 the
+        # field of view cuts, painted L1; kept and named the level above L1.
+        (slice(0, 1), slice(2, 8), T12),
+        # The same 24 voxels at the inferior end: a fragment, not a level.
+        (slice(69, 70), slice(2, 8), None),
+        # 1 x 2 x 4 = 8 voxels (2 %) in the top plane: a speck even at the edge.
+        (slice(0, 1), slice(2, 4), None),
+    ],
+)
+def test_a_small_body_cut_by_the_superior_end_of_the_view_is_a_level(rows: slice, columns: slice, kept_as: int | None) -> None:
+    labels = _spine()
+    labels[rows, columns, :4] = L1
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    expected = _spine()
+    if kept_as is not None:
+        expected[rows, columns, :4] = kept_as
+    np.testing.assert_array_equal(fixed, expected)
+    size = (rows.stop - rows.start) * (columns.stop - columns.start) * 4
+    assert report.removed_voxels == (0 if kept_as is not None else size)
