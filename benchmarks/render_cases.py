@@ -2,7 +2,8 @@
 
     python benchmarks/render_cases.py RUN --dataset vb3_l1l5_t1 --train-cases 14 --worst 2 --out DIR
 
-Writes DIR/<case>.png (the sagittal slice with the most ground truth) and prints each case's
+Writes DIR/<case>.png (the sagittal slice with the most ground truth; ``--cases`` adds named
+cases) and prints each case's
 Dice and level naming, so a missed target is read off the failure cases.
 """
 
@@ -30,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
     parser.add_argument("--train-cases", type=int, default=14)
     parser.add_argument("--worst", type=int, default=2)
+    parser.add_argument("--cases", default="", help="comma-separated case ids rendered besides the worst ones")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
     scored = []
     folder = args.data or find_realdata(None) / args.dataset
+    extra = {name for name in args.cases.split(",") if name}
     for case in list(open_dataset(folder).cases)[args.train_cases :]:
         image = read_volume(case.image_path)
         truth = read_volume(case.label_path, kind="label")
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = case_metrics(stepped, truth.array, truth.spacing, case_id=str(case.case_id))
         scored.append((metrics.mean_dice, case, image, truth, raw, stepped, metrics))
     scheme = mrspineseg_scheme()
-    for dice, case, image, truth, raw, stepped, metrics in sorted(scored, key=lambda item: item[0])[: args.worst]:
+    ranked = sorted(scored, key=lambda item: item[0])
+    chosen = ranked[: args.worst] + [item for item in ranked[args.worst :] if str(item[1].case_id) in extra]
+    for dice, case, image, truth, raw, stepped, metrics in chosen:
         path = save_overlay(
             args.out / f"{case.case_id}.png", image.array, image.affine,
             {"ground truth": truth.array, "prediction": raw, "after the level step": stepped}, scheme,
