@@ -67,14 +67,18 @@ def _watch_for_hang() -> None:
     faulthandler.dump_traceback_later(TIMEOUT_S - STACK_DUMP_MARGIN_S, exit=True)
 
 
+def _tiny_mean_teacher(data: str, out: str, steps: int) -> Stage2Config:
+    """A `tiny`-preset mean-teacher run of ``steps`` steps, validated once at the end."""
+    return Stage2Config(
+        data=data, out=out, labeled=2, method="mean-teacher", preset="tiny", max_steps=steps,
+        device="cpu", seed=0, validation=1, validation_every=steps,
+    )
+
+
 def _worker(rank: int, port: int, data: str, out: str, results: str) -> None:
     _watch_for_hang()
     _join_as(rank, port)
-    config = Stage2Config(
-        data=data, out=out, labeled=2, method="mean-teacher", preset="tiny", max_steps=3,
-        device="cpu", seed=0, validation=1, validation_every=3,
-    )
-    trainer = Stage2Trainer(config)
+    trainer = Stage2Trainer(_tiny_mean_teacher(data, out, steps=3))
     events = list(trainer.run())
     save_weights(Path(results) / f"rank{rank}.safetensors", trainer.student.state_dict())
     # What each rank would draw next: a resumed rank must draw the same.
@@ -206,10 +210,7 @@ def _cancelling_worker(rank: int, port: int, data: str, out: str, results: str) 
 
     _watch_for_hang()
     _join_as(rank, port)
-    config = Stage2Config(
-        data=data, out=out, labeled=2, method="mean-teacher", preset="tiny", max_steps=50,
-        device="cpu", seed=0, validation=1, validation_every=50,
-    )
+    config = _tiny_mean_teacher(data, out, steps=50)
     cancel = CancelToken()
     if rank == 1:  # Ctrl-C reaches one process before its first step
         cancel.cancel()
