@@ -70,7 +70,7 @@ class DemoSettings:
 
 # The budgets are 10 (default) and 2 (quick) minutes on a 2-core CPU; README.md gives the
 # measured times. The default uses the pretrained MiniLM text encoder, kept fixed so that a
-# stage-1 step costs little more than the image encoder's, and the cpu preset's 128x64
+# stage-1 step costs little more than the image encoder's, and the cpu preset's 112x112
 # slices; quick uses the small random text encoder and the tiny preset's 64x32 slices.
 DEFAULT_SETTINGS = DemoSettings(
     cases=16, train_cases=12, labeled=3, preset="cpu", stage1_steps=400, stage2_steps=750, text_encoder=None
