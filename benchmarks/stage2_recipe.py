@@ -36,6 +36,7 @@ def _variants() -> dict[str, dict]:
         "no-schedule": {"schedule": "constant"},
         "res128": {"slice_size": (128, 128)},
         "strong-labeled": {"labeled_strong": True},
+        "weak-labeled": {"labeled_strong": False},
     }
 
 

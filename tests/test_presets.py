@@ -135,6 +135,9 @@ def test_runs_saved_before_encoder_res_units_existed_still_load() -> None:
     saved = get_preset("cpu").to_dict()
     del saved["encoder_res_units"]
     assert Preset.from_dict(saved).encoder_res_units == 1
+    assert get_preset("cpu").labeled_strong
+    del saved["labeled_strong"]  # runs from before the strong labeled view trained without it
+    assert Preset.from_dict(saved).labeled_strong is False
     del saved["embed_dim"]
     with pytest.raises(CPS4Error, match="preset settings lack embed_dim"):
         Preset.from_dict(saved)
