@@ -37,6 +37,7 @@ def _variants() -> dict[str, dict]:
         "res128": {"slice_size": (128, 128)},
         "strong-labeled": {"labeled_strong": True},
         "weak-labeled": {"labeled_strong": False},
+        "cpu-bf16": {"cpu_bf16": True},
     }
 
 

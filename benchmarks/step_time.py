@@ -10,7 +10,8 @@ compare the ratios (absolute times on a shared machine mean little)::
 
 Stage 1 times :class:`~cps4_engine.stage1.Stage1Trainer`'s step, stage 2
 :class:`~cps4_engine.stage2.Stage2Trainer`'s (``--method``; ``cps4`` needs ``--vlm``):
-loss, backward and optimiser step, as the training loop runs them.
+loss, backward and optimiser step, as the training loop runs them (``--cpu-bf16``: under
+the loop's CPU bfloat16 autocast).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ def step_seconds(args: argparse.Namespace) -> float:
 
     from cps4_engine import distributed
     from cps4_engine.bench import find_realdata
+    from cps4_engine.training import autocast
 
     torch.set_num_threads(args.threads)
     data = args.data or (find_realdata(None) or Path("../shared/realdata")) / "vb3_l1l5_t1"
     out = Path(tempfile.mkdtemp(prefix="cps4-step-time-")) / "run"
     common = {"data": data, "out": out, "labeled": args.labeled, "preset": "cpu", "train_cases": 14,
-              "seed": args.seed, "device": "cpu", "validation": 2}
+              "seed": args.seed, "device": "cpu", "validation": 2, "cpu_bf16": args.cpu_bf16}
     if args.stage == 1:
         from cps4_engine.stage1 import Stage1Config, Stage1Trainer
 
@@ -44,7 +46,8 @@ def step_seconds(args: argparse.Namespace) -> float:
 
     def one_step(step: int) -> None:
         trainer.model.train()
-        total, _ = trainer.loss(step)
+        with autocast(torch.device("cpu"), False, cpu_bf16=args.cpu_bf16):
+            total, _ = trainer.loss(step)
         trainer.optimizer.zero_grad(set_to_none=True)
         total.backward()
         trainer.optimizer.step()
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast of the step, as the loop runs it")
     parser.add_argument("--label", default="", help="printed before the figure")
     args = parser.parse_args()
     print(f"{args.label} stage {args.stage}: {step_seconds(args):.3f} s per step".strip())

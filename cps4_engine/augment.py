@@ -22,6 +22,7 @@ whole batch at once (MONAI ``AffineTransform``); the strong transforms run per s
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Mapping
 
 import torch
@@ -36,6 +37,17 @@ from monai.transforms import (
 )
 
 NEAREST_KEYS = frozenset({"label"})
+
+
+def _full_precision(tensor: torch.Tensor) -> AbstractContextManager:
+    """Autocast off: augmentation prepares data and runs in float32 inside mixed-precision steps.
+
+    (Under CPU bfloat16 autocast the blur's convolution returns bfloat16, which MONAI's
+    numpy-based transforms cannot take.)
+    """
+    if tensor.device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return nullcontext()
 
 
 class SliceAugmenter:
@@ -122,12 +134,13 @@ class SliceAugmenter:
         size = (int(image.shape[-2]), int(image.shape[-1]))
         matrices = self._weak_matrices(int(image.shape[0]), size).to(image.device)
         outputs = {}
-        for key, value in batch.items():
-            if key in NEAREST_KEYS:
-                moved = self._nearest(value.unsqueeze(1).float(), matrices)[:, 0]
-                outputs[key] = moved.round().to(value.dtype)
-            else:
-                outputs[key] = self._bilinear(value.float(), matrices).to(value.dtype)
+        with _full_precision(image):
+            for key, value in batch.items():
+                if key in NEAREST_KEYS:
+                    moved = self._nearest(value.unsqueeze(1).float(), matrices)[:, 0]
+                    outputs[key] = moved.round().to(value.dtype)
+                else:
+                    outputs[key] = self._bilinear(value.float(), matrices).to(value.dtype)
         return outputs
 
     def _strong_transform(self, size: tuple[int, int]) -> Compose:
@@ -167,8 +180,9 @@ class SliceAugmenter:
             ``(B, 1, H, W)`` float, clipped to [0, 1].
         """
         transform = self._strong_transform(tuple(images.shape[-2:]))  # type: ignore[arg-type]
-        corrupted = [
-            torch.as_tensor(transform(image)).as_subclass(torch.Tensor).to(images.dtype)
-            for image in images
-        ]
+        with _full_precision(images):
+            corrupted = [
+                torch.as_tensor(transform(image)).as_subclass(torch.Tensor).to(images.dtype)
+                for image in images
+            ]
         return torch.stack(corrupted).to(images.device).clamp_(0.0, 1.0)

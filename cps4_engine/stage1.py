@@ -123,6 +123,8 @@ class Stage1Config:
             prompt-pixel heads (:class:`cps4_engine.models.vlm.VLM`).
         augment: apply the weak (geometric) augmentation to training batches.
         amp: mixed precision on CUDA.
+        cpu_bf16: bfloat16 autocast of the training steps on the CPU (fast only on CPUs
+            with native bfloat16, e.g. AVX512-BF16 or AMX).
         threshold: a class claims a pixel where its probability exceeds this (validation).
     """
 
@@ -152,6 +154,7 @@ class Stage1Config:
     centre_prompts: bool = True
     augment: bool = True
     amp: bool = True
+    cpu_bf16: bool = False
     threshold: float = 0.5
 
     def loss_weights(self) -> Stage1LossWeights:
@@ -350,8 +353,8 @@ class Stage1Trainer(StageTask):
         self.split = self._split()
         self.loop = TrainingLoop(self, LoopSettings(
             out=self.out, stage="stage 1", max_steps=self.max_steps, validation_every=self.validation_every,
-            resume=config.resume, amp=config.amp, schedule="cosine", warmup_fraction=WARMUP_FRACTION,
-            floor=FINAL_LEARNING_RATE_SHARE, gradient_clip=1.0,
+            resume=config.resume, amp=config.amp, cpu_bf16=config.cpu_bf16, schedule="cosine",
+            warmup_fraction=WARMUP_FRACTION, floor=FINAL_LEARNING_RATE_SHARE, gradient_clip=1.0,
         ))
 
     def _split(self) -> Any:

@@ -164,6 +164,8 @@ class Stage2Config:
         seed: picks the labeled volumes and initialises the network and sampling.
         resume: continue the run in ``out`` from its last checkpoint.
         amp: mixed precision (bfloat16 autocast) on CUDA.
+        cpu_bf16: bfloat16 autocast of the training steps on the CPU (fast only on CPUs
+            with native bfloat16, e.g. AVX512-BF16 or AMX); validation stays float32.
         init_weights: a segmenter ``.safetensors`` file (e.g. a previous refinement
             round's ``model.safetensors``) the student and teacher start from instead of
             a random initialisation; ignored when resuming.
@@ -200,6 +202,7 @@ class Stage2Config:
     seed: int = 0
     resume: bool = False
     amp: bool = True
+    cpu_bf16: bool = False
     init_weights: str | Path | None = None
     slice_size: tuple[int, int] | None = None
     keep_aspect: bool | None = None
@@ -669,8 +672,8 @@ class Stage2Trainer(StageTask):
         self.teacher: nn.Module | None = None
         self.loop = TrainingLoop(self, LoopSettings(
             out=self.out, stage="stage 2", max_steps=self.max_steps, validation_every=self.validation_every,
-            resume=config.resume, amp=config.amp, schedule=config.schedule, warmup_fraction=WARMUP_FRACTION,
-            floor=0.0, gradient_clip=config.gradient_clip,
+            resume=config.resume, amp=config.amp, cpu_bf16=config.cpu_bf16, schedule=config.schedule,
+            warmup_fraction=WARMUP_FRACTION, floor=0.0, gradient_clip=config.gradient_clip,
         ))
 
     def _check_resumed_base(self, recorded: dict[str, Any]) -> None:

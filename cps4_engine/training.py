@@ -14,7 +14,8 @@ way for stage 1 and stage 2:
   decay to ``floor`` times the base learning rate (``torch.optim.lr_scheduler.LambdaLR``),
   or a constant rate; the global gradient norm clipped to ``gradient_clip``.
 - **AMP**: autocast on CUDA (bfloat16 where supported, else float16 with a gradient
-  scaler); nothing on CPU or MPS.
+  scaler); on the CPU bfloat16 autocast of the training steps only when ``cpu_bf16`` asks
+  for it; nothing on MPS.
 - **validation** every ``validation_every`` steps and at the last: the task's metric for
   each candidate network (e.g. student and teacher); the best candidate so far is saved as
   ``model.safetensors``; then the last weights, the extra networks, the training state and
@@ -145,8 +146,16 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator,
         yield from loader
 
 
-def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16) -> AbstractContextManager:
-    """Mixed precision on CUDA when ``enabled``; a no-op elsewhere."""
+def autocast(
+    device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16, cpu_bf16: bool = False
+) -> AbstractContextManager:
+    """Mixed precision on CUDA when ``enabled``, bfloat16 on the CPU when ``cpu_bf16``; else a no-op.
+
+    The two switches are separate because ``amp`` is on by default and CPU bfloat16 is not:
+    it is fast only on CPUs with native bfloat16 (AVX512-BF16, AMX) and slower elsewhere.
+    """
+    if device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
 
 
@@ -161,6 +170,8 @@ class LoopSettings:
         validation_every: steps between validations (and checkpoints).
         resume: continue the run in ``out``.
         amp: mixed precision on CUDA.
+        cpu_bf16: bfloat16 autocast of the training steps on the CPU (validation stays
+            float32, as prediction is).
         schedule: ``cosine`` or ``constant``.
         warmup_fraction: share of ``max_steps`` for the linear warm-up.
         floor: the cosine schedule ends at this multiple of the base learning rate.
@@ -173,6 +184,7 @@ class LoopSettings:
     validation_every: int
     resume: bool = False
     amp: bool = True
+    cpu_bf16: bool = False
     schedule: str = "cosine"
     warmup_fraction: float = 0.05
     floor: float = 0.0
@@ -305,7 +317,7 @@ class TrainingLoop:
                 return
             began = time.perf_counter()
             task.model.train()
-            with autocast(context.device, use_amp, amp_dtype):
+            with autocast(context.device, use_amp, amp_dtype, cpu_bf16=settings.cpu_bf16):
                 total, losses = task.loss(step)
             if not math.isfinite(losses.get("total", float(total.detach()))):
                 raise CPS4Error(

@@ -50,3 +50,16 @@ def test_same_seed_gives_same_augmentation() -> None:
     second = SliceAugmenter(seed=7, weak_probability=1.0, strong_probability=1.0)
     assert torch.equal(first.weak(batch)["label"], second.weak(batch)["label"])
     assert torch.allclose(first.strong(batch["image"]), second.strong(batch["image"]))
+
+
+def test_both_views_are_float32_and_match_inside_a_cpu_bfloat16_step() -> None:
+    batch = _batch()
+    outside = SliceAugmenter(seed=5, weak_probability=1.0, strong_probability=1.0)
+    inside = SliceAugmenter(seed=5, weak_probability=1.0, strong_probability=1.0)
+    expected_weak, expected_strong = outside.weak(batch), outside.strong(batch["image"])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        weak, strong = inside.weak(batch), inside.strong(batch["image"])
+    assert weak["image"].dtype == strong.dtype == torch.float32
+    assert torch.equal(weak["label"], expected_weak["label"])
+    assert torch.allclose(weak["image"], expected_weak["image"])
+    assert torch.allclose(strong, expected_strong)

@@ -32,6 +32,15 @@ def test_train_writes_a_stage2_run(dataset: Path, tmp_path: Path, capsys: pytest
     assert "stage 2 done: run written to" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("extra", "expected"), [((), False), (("--cpu-bf16",), True)])
+def test_train_records_whether_cpu_steps_ran_in_bfloat16(
+    dataset: Path, tmp_path: Path, extra: tuple[str, ...], expected: bool
+) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--labeled", "2", "--method", "supervised", *extra)) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["cpu_bf16"] is expected
+
+
 def test_train_unimatch_writes_a_run_of_its_own_base(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(_train(dataset, out, "--labeled", "2", "--method", "unimatch", "--feature-dropout", "0.3")) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -124,3 +125,12 @@ def test_a_frozen_text_encoder_keeps_its_weights_and_the_run_records_its_choices
     assert load_vlm(run).centre_prompts is False
     resumed = list(iter_pretrain(_config(dataset, run, max_steps=5, resume=True)))
     assert [event.step for event in resumed if event.kind == "step"] == [4, 5]
+
+
+def test_cpu_bfloat16_steps_train_with_augmentation_and_are_recorded(dataset, tmp_path) -> None:
+    out = tmp_path / "bf16"
+    events = list(iter_pretrain(_config(dataset, out, max_steps=6, validation=1, validation_every=3, cpu_bf16=True)))
+    steps = [event for event in events if event.kind == "step"]
+    assert len(steps) == 6 and all(math.isfinite(event.losses["total"]) for event in steps)
+    assert events[-1].kind == "end"
+    assert json.loads((out / "config.json").read_text())["settings"]["cpu_bf16"] is True

@@ -486,3 +486,18 @@ def test_labeled_slices_get_the_strong_view_only_when_the_recipe_asks(
     assert len(seen) == (1 if labeled_strong else 0)
     if labeled_strong:  # the network saw the corrupted view, not the weak one
         assert not torch.equal(network_inputs[0], seen[0])
+
+
+@pytest.mark.parametrize("method", ["mean-teacher", "unimatch"])
+def test_cpu_bfloat16_steps_train_and_are_recorded(dataset: Path, tmp_path: Path, method: str) -> None:
+    out = tmp_path / "bf16"
+    trainer = Stage2Trainer(_config(dataset, out, method=method, cpu_bf16=True, labeled_strong=True))
+    under_autocast: list[bool] = []
+    loss = trainer.loss
+    trainer.loss = lambda step: under_autocast.append(torch.is_autocast_enabled("cpu")) or loss(step)  # type: ignore[method-assign]
+    events = _run(trainer)
+    steps = [e for e in events if e.kind == "step"]
+    assert len(steps) == 6 and all(math.isfinite(e.losses["total"]) for e in steps)
+    assert under_autocast == [True] * 6 and not torch.is_autocast_enabled("cpu")
+    assert events[-1].kind == "end"
+    assert json.loads((out / "config.json").read_text())["settings"]["cpu_bf16"] is True

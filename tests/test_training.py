@@ -9,7 +9,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cps4_engine.errors import CPS4Error
-from cps4_engine.training import LoopSettings, TrainingLoop, batches, check_run_folder, learning_rate_factor
+from cps4_engine.training import (
+    LoopSettings,
+    TrainingLoop,
+    autocast,
+    batches,
+    check_run_folder,
+    learning_rate_factor,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +70,18 @@ def test_an_unknown_schedule_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(CPS4Error, match="--schedule 'linear' is unknown"):
         TrainingLoop(None, LoopSettings(out=tmp_path, stage="stage 2", max_steps=1, validation_every=1,  # type: ignore[arg-type]
                                         schedule="linear"))
+
+
+@pytest.mark.parametrize(
+    ("amp", "cpu_bf16", "expected"),
+    [
+        (True, False, torch.float32),  # amp is for CUDA: on the CPU it changes nothing
+        (False, True, torch.bfloat16),
+        (True, True, torch.bfloat16),
+    ],
+)
+def test_cpu_autocast_follows_cpu_bf16_only(amp: bool, cpu_bf16: bool, expected: torch.dtype) -> None:
+    weight = torch.ones(3, 4)
+    with autocast(torch.device("cpu"), amp, cpu_bf16=cpu_bf16):
+        product = torch.ones(2, 4) @ weight.T
+    assert product.dtype == expected

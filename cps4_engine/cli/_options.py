@@ -61,3 +61,6 @@ def add_training_run_options(parser: argparse.ArgumentParser, *, batch_size_help
     parser.add_argument("--train-cases", type=int,
                         help="only the first N cases are training volumes; the rest are never seen")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bfloat16 mixed precision of the training steps on the CPU (fast on CPUs with "
+                             "AVX512-BF16 or AMX, slower elsewhere; see BENCHMARKS.md)")

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         token_weight=args.token_weight, pixel_weight=args.pixel_weight, alignment_weight=args.alignment_weight,
         contrastive_weight=args.contrastive_weight, prompt_template=args.prompt_template,
         train_cases=args.train_cases, validation=args.validation, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp,
+        learning_rate=args.learning_rate, augment=not args.no_augment, amp=not args.no_amp, cpu_bf16=args.cpu_bf16,
         freeze_text_encoder=not args.train_text_encoder, centre_prompts=not args.no_prompt_centring,
     )
     cancel = CancelToken()

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay, unsupervised_weight=args.unsupervised_weight,
         preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size,
         validation=args.validation, train_cases=args.train_cases, device=args.device,
-        seed=args.seed, resume=args.resume, amp=not args.no_amp,
+        seed=args.seed, resume=args.resume, amp=not args.no_amp, cpu_bf16=args.cpu_bf16,
     )
     cancel = CancelToken()
     return print_training_progress(iter_train(config, cancel), cancel, "stage 2",
