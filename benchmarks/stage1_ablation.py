@@ -108,6 +108,7 @@ class RunSpec:
     centre_prompts: bool = True
     attention_weight: float = 1.0
     validation: int = 2
+    cpu_bf16: bool = False
 
     @property
     def text_label(self) -> str:
@@ -140,6 +141,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         train_cases=spec.train_cases, validation_every=spec.validation_every,
         freeze_text_encoder=spec.freeze_text, centre_prompts=spec.centre_prompts,
         token_weight=spec.attention_weight, pixel_weight=spec.attention_weight, validation=spec.validation,
+        cpu_bf16=spec.cpu_bf16,
     )
     if (Path(spec.out) / "config.json").is_file():
         planned = json.loads((Path(spec.out) / "config.json").read_text())["max_steps"]
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=2,
                         help="validation volumes carved from the training volumes (as the stage-2 runs: 2)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel worker processes")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bfloat16 autocast of the training steps on the CPU (run folders end in _bf16_sSEED)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default: the cores shared among the jobs)")
     parser.add_argument("--throughput-steps", type=int, default=0, help="also time N training steps with and without AMP")
     parser.add_argument("--throughput-preset", default="paper", help="preset whose throughput is timed (default paper)")
@@ -404,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                 text_tag = "tiny" if text == "tiny" else "default" if text is None else Path(text).name
                 weight_tag = "" if args.attention_weight == 1.0 else f"_w{args.attention_weight:g}"
                 labeled_tag = "" if args.labeled == 2 else f"_l{args.labeled}"
-                tag = f"{name}_{variant}{weight_tag}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}{labeled_tag}_s{seed}"
+                precision_tag = "_bf16" if args.cpu_bf16 else ""
+                tag = (f"{name}_{variant}{weight_tag}_{text_tag}{'' if freeze else '_finetuned'}{'' if centre else '_raw'}"
+                       f"{labeled_tag}{precision_tag}_s{seed}")
                 specs.append(RunSpec(name, str(folder), train, args.test_limit, variant, text, seed, args.preset,
                                      args.max_steps, args.device, str(args.out / "runs" / tag), threads,
                                      labeled=args.labeled, validation_every=args.validation_every, freeze_text=freeze,
                                      centre_prompts=centre, attention_weight=args.attention_weight,
-                                     validation=args.validation))
+                                     validation=args.validation, cpu_bf16=args.cpu_bf16))
     print(f"{len(specs)} runs, {args.jobs} at a time, {threads} CPU threads each", flush=True)
     results = []
     if args.jobs > 1:
