@@ -16,8 +16,9 @@ writes checkpoints and logs (:attr:`DistContext.is_main`).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,18 +88,49 @@ def setup(device_name: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=True)
 
 
-def teardown(context: DistContext) -> None:
+def teardown(context: DistContext, wait_for_others: bool = True) -> None:
     """Leave the process group if :func:`setup` created it.
 
-    Ranks leave at different times: rank 0 still validates and writes after the last step
-    while the others are done. A process that runs several trainings in a row must
-    therefore give each its own ``MASTER_PORT`` (or create the group once itself, which
-    :func:`setup` then joins): a rank that rejoins at the same address meets rank 0's
-    previous store, still listening, and the new group never forms (a hang, or a gloo
-    "Connection reset by peer").
+    Ranks finish at different times: rank 0 still validates and writes after the last step
+    (or checkpoints a cancelled run) while the others are done. A rank that destroyed its
+    group and exited while rank 0 still held connections to it was seen to abort in gloo's
+    threads ("terminate called without an active exception", SIGABRT). So a rank that
+    leaves normally first waits at a barrier until every rank has reached it, and all leave
+    together. A process that runs several trainings in a row should still give each its
+    own ``MASTER_PORT`` (or create the group once itself, which :func:`setup` then joins):
+    a rank that rejoins at the same address can meet rank 0's previous store, still
+    listening, and the new group never forms.
+
+    Args:
+        context: what :func:`setup` returned.
+        wait_for_others: False when an exception (or the consumer closing the generator)
+            is leaving the training: the other ranks may never reach the barrier, and the
+            failure must surface rather than wait.
     """
-    if context.owns_group and dist.is_initialized():
+    if not (context.distributed and dist.is_initialized()):
+        return
+    if wait_for_others:
+        dist.barrier()
+    if context.owns_group:
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(device_name: str = "auto") -> Iterator[DistContext]:
+    """:func:`setup` on entry, :func:`teardown` on exit (without waiting on a failure).
+
+    Example::
+
+        with distributed.joined("cpu") as context:
+            yield from loop.run(context, cancel)
+    """
+    context = setup(device_name)
+    try:
+        yield context
+    except BaseException:
+        teardown(context, wait_for_others=False)
+        raise
+    teardown(context)
 
 
 def wrap_model(model: nn.Module, context: DistContext, find_unused_parameters: bool = False) -> nn.Module:

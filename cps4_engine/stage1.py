@@ -420,11 +420,8 @@ class Stage1Trainer(StageTask):
     def events(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
         """Train, yielding events; see :func:`iter_pretrain`. Under ``torchrun`` every rank
         trains and only rank 0 yields events and writes (:mod:`cps4_engine.distributed`)."""
-        context = distributed.setup(self.config.device)
-        try:
+        with distributed.joined(self.config.device) as context:
             yield from self.loop.run(context, cancel or CancelToken())
-        finally:
-            distributed.teardown(context)
 
     def setup(self, context: distributed.DistContext) -> None:
         config, device = self.config, context.device

@@ -781,11 +781,8 @@ class Stage2Trainer(StageTask):
 
     def run(self, cancel: CancelToken | None = None) -> Iterator[TrainEvent]:
         """Train, yielding events; see the module doc for what is written."""
-        context = distributed.setup(self.config.device)
-        try:
+        with distributed.joined(self.config.device) as context:
             yield from self.loop.run(context, cancel or CancelToken())
-        finally:
-            distributed.teardown(context)
 
     def setup(self, context: distributed.DistContext) -> None:
         config, device = self.config, context.device

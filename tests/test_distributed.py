@@ -229,3 +229,37 @@ def test_a_cancel_on_one_rank_makes_every_torchrun_process_exit_as_cancelled(tmp
     history = json.loads((out / "history.json").read_text())
     assert history["steps"] == []  # cancelled before the first step, checkpointed by rank 0
     assert (out / STATE_FILE).is_file()
+
+
+# How long the late rank stays inside the group; the other rank's exit time is compared to it.
+LATE_RANK_DELAY_S = 2.0
+
+
+def _leaving_worker(rank: int, port: int, results: str, failing: bool) -> None:
+    from cps4_engine.distributed import joined
+
+    _watch_for_hang()
+    _join_as(rank, port)
+    record: dict[str, float] = {}
+    try:
+        with joined("cpu"):
+            if rank == 1:
+                time.sleep(LATE_RANK_DELAY_S)
+            record["leaving"] = time.time()
+            if failing:
+                raise RuntimeError(f"rank {rank} fails")
+    except RuntimeError:
+        pass
+    record["left"] = time.time()
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["normal-exit", "failure"])
+def test_ranks_leave_the_group_together_unless_a_failure_leaves_it(tmp_path: Path, failing: bool) -> None:
+    _spawn(_leaving_worker, _free_ports(1)[0], str(tmp_path), failing)
+
+    early, late = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE))
+    if failing:  # the failing rank does not wait at the barrier for the late one
+        assert early["left"] < late["leaving"]
+    else:  # rank 0 waits at the barrier until the late rank is done
+        assert early["left"] >= late["leaving"]
