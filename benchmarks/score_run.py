@@ -1,8 +1,12 @@
-"""Score a stage-2 run on the test volumes of a real-data set: Dice, level accuracy, spine Dice.
+"""Score a stage-2 run on the test volumes of a dataset: Dice, level accuracy, spine Dice.
 
     python benchmarks/score_run.py RUN --dataset vb3_l1l5_t1 --train-cases 14 [--no-level-step]
+    python benchmarks/score_run.py RUN --data PHANTOMS_DEV --train-cases 0   # cps4 synth ... --seed 2027
 
-Prints one JSON line (the per-case results go to RUN/test_scores[_no_level_step].json).
+Re-scores a trained network with the current prediction (e.g. after a change of the 3D
+level step). Prints one JSON line; the per-case results go to
+RUN/test_scores[_no_level_step].json, or RUN/scores_<data folder>[_no_level_step].json
+with ``--data``.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--dataset", default="vb3_l1l5_t1")
-    parser.add_argument("--train-cases", type=int, default=14)
+    parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
+    parser.add_argument("--train-cases", type=int, default=14, help="cases before the test cases")
     parser.add_argument("--no-level-step", dest="level_step", action="store_false")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = list(open_dataset(find_realdata(None) / args.dataset).cases)[args.train_cases :]
+    folder = args.data or find_realdata(None) / args.dataset
+    cases = list(open_dataset(folder).cases)[args.train_cases :]
     test = [{"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)} for c in cases]
     scored = _score_test_volumes(args.run, test, "cpu", level_step=args.level_step)
-    name = "test_scores.json" if args.level_step else "test_scores_no_level_step.json"
+    stem = f"scores_{args.data.name}" if args.data else "test_scores"
+    name = f"{stem}.json" if args.level_step else f"{stem}_no_level_step.json"
     (args.run / name).write_text(json.dumps(scored, indent=1))
     print(json.dumps({"run": str(args.run), "level_step": args.level_step,
                       **{k: scored[k] for k in ("dice", "level_accuracy", "cases_all_levels_right", "spine_dice")}}))

@@ -25,7 +25,8 @@ caudal end is in view), the count starts from its own label; otherwise the start
 one that agrees with the most voxels' labels overall. A structure that narrows sharply along the superior axis, with at
 least half a typical body on each side, is bodies the network fused (their labels mixed
 across slices, so they cannot be told apart by label): it is cut at those waists, where
-the disc spaces are (:func:`split_fused_bodies`); structures closer than half the usual gap are pieces of
+the disc spaces are (:func:`split_fused_bodies`); a vertebra structure as long as two bodies
+(a thin disc space painted as bone, no waist) is cut in two (:func:`split_long_bodies`); structures closer than half the usual gap are pieces of
 one body and are joined (:func:`merge_close_pieces`). Discs take the level between their neighbouring vertebrae; with no vertebra in the volume, discs are counted like vertebrae.
 Specks (below 10 % of the largest structure of their kind) and then structures smaller
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
@@ -72,13 +73,22 @@ MIN_PIECE_FRACTION = 0.25
 # median structure of its kind; below it, it is a speck (1-9 voxels in phantom predictions).
 EDGE_MIN_FRACTION = 0.05
 MIN_PIECE_OF_STRUCTURE = 0.2
+# A vertebra structure whose extent along the superior axis (5th-95th percentile of its
+# voxels' heights) reaches this many times the median extent is two bodies fused with no
+# waist (thin thoracic discs the network paints as bone, seen on the phantoms); 1.4 cut a
+# real vb3 L5 that had part of the sacrum painted on it, 1.5-1.7 gave the same results.
+LONG_BODY_EXTENT = 1.6
+# Each half of a long structure must hold this share of the median body's voxels: a body
+# with a thin tail (sacrum painted L5 in a few slices) is not two bodies.
+LONG_BODY_MIN_PIECE = 0.4
 # Height histogram bin (mm) and smoothing (mm) used to find the waist between fused bodies.
 _WAIST_BIN_MM = 1.0
 _WAIST_SMOOTHING_MM = 2.0
 # A waist is a cut only where the structure narrows to this share of the bodies on both
 # sides (a disc space between fused bodies, not the ragged tail of one body).
 _WAIST_DEPTH = 0.5
-CAUDAL_ANCHOR_SHORT_NAMES = ("S", "L5")
+SACRUM_SHORT_NAME = "S"
+CAUDAL_ANCHOR_SHORT_NAMES = (SACRUM_SHORT_NAME, "L5")
 CAUDAL_DISC_SHORT_NAMES = ("L5/S",)
 
 
@@ -293,16 +303,80 @@ def split_fused_bodies(
         if not cuts:
             result.append(structure)
             continue
-        piece_of = np.searchsorted(np.asarray(cuts), own)
-        for piece in range(len(cuts) + 1):
-            inside = piece_of == piece
-            values, counts = np.unique(labels_flat[structure.index[inside]], return_counts=True)
-            part = Structure(
-                kind=structure.kind, index=structure.index[inside], height_mm=float(own[inside].mean()),
-                votes={int(v): int(c) for v, c in zip(values, counts)},
-            )
-            part.label = part.majority
-            result.append(part)
+        result += _cut(structure, own, cuts, labels_flat)
+    return sorted(result, key=lambda structure: structure.height_mm)
+
+
+def _cut(structure: Structure, heights: np.ndarray, cuts: Sequence[float], labels_flat: np.ndarray) -> list[Structure]:
+    """The pieces of ``structure`` between the heights ``cuts`` (mm), each with the labels
+    its voxels vote; ``heights`` are its voxels' heights."""
+    piece_of = np.searchsorted(np.asarray(cuts), heights)
+    pieces = []
+    for piece in range(len(cuts) + 1):
+        inside = piece_of == piece
+        values, counts = np.unique(labels_flat[structure.index[inside]], return_counts=True)
+        part = Structure(
+            kind=structure.kind, index=structure.index[inside], height_mm=float(heights[inside].mean()),
+            votes={int(v): int(c) for v, c in zip(values, counts)},
+        )
+        part.label = part.majority
+        pieces.append(part)
+    return pieces
+
+
+def _extent(heights: np.ndarray) -> float:
+    """Extent in mm along the superior axis, robust to a few stray voxels."""
+    low, high = np.percentile(heights, [5, 95])
+    return float(high - low)
+
+
+def split_long_bodies(
+    structures: Sequence[Structure], labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+    sacrum_id: int | None,
+) -> list[Structure]:
+    """Cut in two the vertebra structures that are as long as two bodies.
+
+    Where the network paints a thin disc space as bone with one label, two bodies form one
+    structure with no waist for :func:`split_fused_bodies` to find, and every level above
+    it is named one low. A structure (not the sacrum) whose extent along the superior axis
+    reaches :data:`LONG_BODY_EXTENT` times the median extent is cut once, at the least
+    populated height of its middle third (the middle on a tie), provided each half keeps
+    :data:`LONG_BODY_MIN_PIECE` of the median structure's voxels. With fewer than three
+    structures besides the sacrum there is no typical extent and nothing is cut.
+
+    Args:
+        structures: vertebra structures, e.g. after :func:`split_fused_bodies`.
+        labels_flat: the label volume, flattened in C order.
+        shape: the label volume's shape.
+        affine: its voxel-to-world matrix.
+        sacrum_id: the scheme's sacrum label (longer than a body by nature), or None.
+
+    Returns:
+        The structures, long ones replaced by their halves, sorted inferior to superior.
+    """
+    heights = {id(structure): _heights(structure, shape, affine) for structure in structures}
+    bodies = [structure for structure in structures if structure.majority != sacrum_id]
+    if len(bodies) < 3:
+        return sorted(structures, key=lambda structure: structure.height_mm)
+    typical_extent = float(np.median([_extent(heights[id(body)]) for body in bodies]))
+    min_piece = LONG_BODY_MIN_PIECE * float(np.median([body.size for body in bodies]))
+    bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
+    result: list[Structure] = []
+    for structure in structures:
+        own = heights[id(structure)]
+        if structure.majority == sacrum_id or _extent(own) < LONG_BODY_EXTENT * typical_extent:
+            result.append(structure)
+            continue
+        low, high = np.percentile(own, [5, 95])
+        edges = np.arange(low + (high - low) / 3, high - (high - low) / 3 + bin_mm, bin_mm)
+        counts, _ = np.histogram(own, bins=edges)
+        smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
+        centres = (edges[:-1] + edges[1:]) / 2
+        cut = float(centres[np.lexsort((np.abs(centres - (low + high) / 2), smooth))[0]])
+        if min(int((own < cut).sum()), int((own >= cut).sum())) < min_piece:
+            result.append(structure)
+            continue
+        result += _cut(structure, own, [cut], labels_flat)
     return sorted(result, key=lambda structure: structure.height_mm)
 
 
@@ -451,12 +525,17 @@ def make_levels_consistent(
     flat = result.reshape(-1)
     report = LevelReport()
     kept: dict[str, list[Structure]] = {}
+    by_short = {info.short: info.id for info in scheme.classes}
+    sacrum = by_short.get(SACRUM_SHORT_NAME)
     for kind in ("vertebra", "disc"):
         structures = find_structures(labels, affine, scheme, kind)
         largest = max((s.size for s in structures), default=0)
         specks = [s for s in structures if s.size < SPECK_FRACTION * largest]
         bodies = [s for s in structures if s.size >= SPECK_FRACTION * largest]
-        bodies = merge_close_pieces(split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine))
+        bodies = split_fused_bodies(bodies, labels.reshape(-1), labels.shape, affine)
+        if kind == "vertebra":
+            bodies = split_long_bodies(bodies, labels.reshape(-1), labels.shape, affine, sacrum)
+        bodies = merge_close_pieces(bodies)
         typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
         speck_ids = {id(s) for s in specks}
 
@@ -471,7 +550,6 @@ def make_levels_consistent(
             flat[dropped.index] = 0
             report.removed_voxels += dropped.size
     vertebra_ids, disc_ids = spine_levels(scheme)
-    by_short = {info.short: info.id for info in scheme.classes}
     vertebra_anchors = [by_short[name] for name in CAUDAL_ANCHOR_SHORT_NAMES if name in by_short]
     disc_anchors = [by_short[name] for name in CAUDAL_DISC_SHORT_NAMES if name in by_short]
     report.anchor = _count_levels(kept["vertebra"], vertebra_ids, vertebra_anchors)

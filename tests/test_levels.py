@@ -173,3 +173,35 @@ def test_a_small_body_cut_by_the_superior_end_of_the_view_is_a_level(rows: slice
     np.testing.assert_array_equal(fixed, expected)
     size = (rows.stop - rows.start) * (columns.stop - columns.start) * 4
     assert report.removed_voxels == (0 if kept_as is not None else size)
+
+
+def test_two_bodies_fused_with_no_waist_are_cut_in_two() -> None:
+    """L4 and L5 painted L4 through their disc space at full width: one structure twice as
+    long as a body, no waist and no second label; it is cut in the middle, every level named."""
+    labels = _life_size_spine()
+    labels[110:170, 5:35, :] = L4
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+    assert set(np.unique(fixed[145:170, 5:35])) == {L5} and set(np.unique(fixed[110:135, 5:35])) == {L4}
+
+
+def test_a_long_body_with_a_thin_tail_is_not_cut() -> None:
+    """L5 with a narrow strip below it (the sacrum painted L5 in a few voxels) is as long as
+    two bodies, but the strip is no body: L5 stays one level and the count does not move."""
+    labels = np.zeros((230, 40, 8), dtype=np.uint8)
+    labels[:185] = _life_size_spine()
+    labels[170:215, 17:23, :] = L5
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
+    assert set(np.unique(fixed[145:215, 5:35])) == {0, L5}
+
+
+def test_the_sacrum_is_never_cut_however_long() -> None:
+    labels = _life_size_spine()
+    labels[175:185, 5:35, :] = 0
+    sacrum = np.zeros((70, 40, 8), dtype=np.uint8)
+    sacrum[5:65, 5:35, :] = S  # 60 mm: as long as two bodies
+    labels = np.concatenate([labels[:175], sacrum])
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [S, L5, L4, L3, L2, L1]
+    np.testing.assert_array_equal(fixed, labels)
