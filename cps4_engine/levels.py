@@ -242,6 +242,19 @@ def _heights(structure: Structure, shape: tuple[int, ...], affine: np.ndarray) -
     return superior_height(affine, np.stack(np.unravel_index(structure.index, shape), axis=-1))
 
 
+def _bin_mm(affine: np.ndarray) -> float:
+    """Height bin of a profile: 1 mm, or a voxel's height where voxels are taller."""
+    return max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
+
+
+def _height_profile(heights: np.ndarray, bin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(bin centres, smoothed voxel counts)`` of a structure along the superior axis."""
+    edges = np.arange(heights.min(), heights.max() + 2 * bin_mm, bin_mm)
+    counts, _ = np.histogram(heights, bins=edges)
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
+    return (edges[:-1] + edges[1:]) / 2, smooth
+
+
 def _waists(heights: np.ndarray, min_piece: float, bin_mm: float = _WAIST_BIN_MM) -> list[float]:
     """The heights where a structure is several bodies fused: its deep waists.
 
@@ -251,10 +264,7 @@ def _waists(heights: np.ndarray, min_piece: float, bin_mm: float = _WAIST_BIN_MM
     space between two bodies) is a cut, deepest first, as long as every piece keeps at
     least ``min_piece`` voxels (a body on each side, not the ragged tail of one body).
     """
-    edges = np.arange(heights.min(), heights.max() + 2 * bin_mm, bin_mm)
-    counts, _ = np.histogram(heights, bins=edges)
-    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
+    centres, smooth = _height_profile(heights, bin_mm)
     minima = [
         i for i in range(1, len(smooth) - 1)
         if smooth[i] <= smooth[i - 1] and smooth[i] <= smooth[i + 1]
@@ -293,7 +303,7 @@ def split_fused_bodies(
     """
     if len(structures) < 3:
         return list(structures)
-    bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
+    bin_mm = _bin_mm(affine)
     typical = float(np.median([structure.size for structure in structures]))
     result: list[Structure] = []
     for structure in structures:
@@ -360,7 +370,7 @@ def split_long_bodies(
         return sorted(structures, key=lambda structure: structure.height_mm)
     typical_extent = float(np.median([_extent(heights[id(body)]) for body in bodies]))
     min_piece = LONG_BODY_MIN_PIECE * float(np.median([body.size for body in bodies]))
-    bin_mm = max(_WAIST_BIN_MM, float(np.abs(np.asarray(affine, dtype=np.float64)[2, :3]).max()))
+    bin_mm = _bin_mm(affine)
     result: list[Structure] = []
     for structure in structures:
         own = heights[id(structure)]
@@ -368,10 +378,9 @@ def split_long_bodies(
             result.append(structure)
             continue
         low, high = np.percentile(own, [5, 95])
-        edges = np.arange(low + (high - low) / 3, high - (high - low) / 3 + bin_mm, bin_mm)
-        counts, _ = np.histogram(own, bins=edges)
-        smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), max(_WAIST_SMOOTHING_MM / bin_mm, 1.0))
-        centres = (edges[:-1] + edges[1:]) / 2
+        centres, smooth = _height_profile(own, bin_mm)
+        middle = np.abs(centres - (low + high) / 2) <= (high - low) / 6
+        centres, smooth = centres[middle], smooth[middle]
         cut = float(centres[np.lexsort((np.abs(centres - (low + high) / 2), smooth))[0]])
         if min(int((own < cut).sum()), int((own >= cut).sum())) < min_piece:
             result.append(structure)
