@@ -89,7 +89,7 @@ def setup(device_name: str = "auto") -> DistContext:
 
 
 def teardown(context: DistContext, wait_for_others: bool = True) -> None:
-    """Leave the process group if :func:`setup` created it.
+    """Wait for the other ranks, then leave the process group if :func:`setup` created it.
 
     Ranks finish at different times: rank 0 still validates and writes after the last step
     (or checkpoints a cancelled run) while the others are done. A rank that destroyed its
