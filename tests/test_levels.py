@@ -159,8 +159,10 @@ T12 = 7
         (slice(0, 1), slice(2, 8), T12),
         # The same 24 voxels at the inferior end: a fragment, not a level.
         (slice(69, 70), slice(2, 8), None),
-        # 1 x 2 x 4 = 8 voxels (2 %) in the top plane: a speck even at the edge.
-        (slice(0, 1), slice(2, 4), None),
+        # 1 x 1 x 4 = 4 voxels (1.2 %) in the top plane: a speck even at the edge.
+        (slice(0, 1), slice(2, 3), None),
+        # 1 x 2 x 4 = 8 voxels (2.4 %) in the top plane: the edge keeps it.
+        (slice(0, 1), slice(2, 4), T12),
     ],
 )
 def test_a_small_body_cut_by_the_superior_end_of_the_view_is_a_level(rows: slice, columns: slice, kept_as: int | None) -> None:
@@ -183,6 +185,52 @@ def test_two_bodies_fused_with_no_waist_are_cut_in_two() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1]
     assert set(np.unique(fixed[145:170, 5:35])) == {L5} and set(np.unique(fixed[110:135, 5:35])) == {L4}
+
+
+T11, T10, T9 = 8, 9, 10
+
+
+def _thoracolumbar_spine(bodies: list[tuple[int, int]]) -> np.ndarray:
+    """Bodies ``(label, height in mm)`` from the top, 1 mm voxels, 7 mm discs left empty."""
+    labels = np.zeros((5 + sum(height + 7 for _, height in bodies), 40, 8), dtype=np.uint8)
+    top = 5
+    for class_id, height in bodies:
+        labels[top : top + height, 5:35, :] = class_id
+        top += height + 7
+    return labels
+
+
+def test_a_fused_thoracic_pair_is_cut_though_shorter_than_two_lumbar_bodies() -> None:
+    """T12 and T11 (15 mm each) painted one label through their disc: 37 mm, under 1.6 times
+    the 25 mm median of this view (lumbar bodies dominate it) but twice its neighbours."""
+    labels = _thoracolumbar_spine([(T9, 15), (T10, 15), (T11, 15), (T12, 15), (L1, 25), (L2, 25), (L3, 25),
+                                   (L4, 25), (L5, 25)])
+    fused = labels.copy()
+    fused[49:86][fused[49:86] == 0] = T12  # rows of T11, the disc below it and T12
+    fused[fused == T11] = T12
+    fixed, report = make_levels_consistent(fused, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1, T12, T11, T10, T9]
+    assert set(np.unique(fixed[49:62, 5:35])) == {T11} and set(np.unique(fixed[73:86, 5:35])) == {T12}
+
+
+def test_a_lumbar_body_with_its_disc_painted_on_is_not_cut_in_a_thoracic_view() -> None:
+    """L1 with the T12/L1 disc painted L1 (32 mm) is twice this view's median body (four
+    15 mm thoracic bodies) but only 1.6 times its neighbours T12 and L2: one body."""
+    labels = _thoracolumbar_spine([(T9, 15), (T10, 15), (T11, 15), (T12, 15), (L1, 25), (L2, 25), (L3, 25)])
+    labels[86:93, 5:35, :] = L1  # the T12/L1 disc space, just above L1
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L3, L2, L1, T12, T11, T10, T9]
+    np.testing.assert_array_equal(fixed, labels)
+
+
+def test_a_body_the_view_cuts_is_no_yardstick_for_its_neighbour() -> None:
+    """T12 cut by the top of the view to 2 mm: beside it L1 (25 mm) looks twice as long as
+    its neighbours, yet stays one body (its halves would lie too close to be two levels)."""
+    labels = _life_size_spine()
+    labels[0:2, 5:35, :] = T12
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    assert [entry[4] for entry in report.structures] == [L5, L4, L3, L2, L1, T12]
+    np.testing.assert_array_equal(fixed, labels)
 
 
 def test_a_long_body_with_a_thin_tail_is_not_cut() -> None:
