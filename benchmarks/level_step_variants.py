@@ -1,0 +1,119 @@
+"""Variants of the 3D level step scored on one network's predictions, each predicted once.
+
+    python benchmarks/level_step_variants.py RUN --data PHANTOMS_DEV --cases 0:20
+    python benchmarks/level_step_variants.py RUN --dataset vb3_l1l5_t1 --split unlabeled+validation
+
+The network labels each volume once without the level step; every variant then runs the
+step on those labels: the eleventh session's rules (a long body measured against the median
+extent of the whole spine at 1.6 times, bodies the view cuts kept down to 5 % of the
+median), the edge share lowered to 2 %, and the current rule (measured against its
+neighbours) at several factors. Prints one JSON object: mean Dice, level accuracy and
+volumes with every level right per variant, and the volumes each variant changes against
+the first. Choose on validation, training or dev volumes, never on the test volumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _global_median_rule(levels):
+    """The eleventh session's ``split_long_bodies``: the reference is the median extent of
+    every body of the spine (sacrum left out), the factor 1.6."""
+
+    def split(structures: Sequence, labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+              sacrum_id: int | None) -> list:
+        heights = {id(s): levels._heights(s, shape, affine) for s in structures}
+        bodies = [s for s in structures if s.majority != sacrum_id]
+        if len(bodies) < 3:
+            return sorted(structures, key=lambda s: s.height_mm)
+        typical = float(np.median([levels._extent(heights[id(b)]) for b in bodies]))
+        min_piece = levels.LONG_BODY_MIN_PIECE * float(np.median([b.size for b in bodies]))
+        bin_mm = levels._bin_mm(affine)
+        result = []
+        for s in structures:
+            own = heights[id(s)]
+            if s.majority == sacrum_id or levels._extent(own) < 1.6 * typical:
+                result.append(s)
+                continue
+            low, high = np.percentile(own, [5, 95])
+            centres, smooth = levels._height_profile(own, bin_mm)
+            middle = np.abs(centres - (low + high) / 2) <= (high - low) / 6
+            centres, smooth = centres[middle], smooth[middle]
+            cut = float(centres[np.lexsort((np.abs(centres - (low + high) / 2), smooth))[0]])
+            if min(int((own < cut).sum()), int((own >= cut).sum())) < min_piece:
+                result.append(s)
+                continue
+            result += levels._cut(s, own, [cut], labels_flat)
+        return sorted(result, key=lambda s: s.height_mm)
+
+    return split
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from cps4_engine import levels
+    from cps4_engine.bench import find_realdata
+    from cps4_engine.data import Split, open_dataset
+    from cps4_engine.inference import load_segmenter, predict_volume
+    from cps4_engine.io import read_volume
+    from cps4_engine.labels import mrspineseg_scheme
+    from cps4_engine.metrics import case_metrics, summarize
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a dataset of the real-data folder")
+    parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cases", help="FIRST:LAST, a slice of the dataset's cases")
+    where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
+    parser.add_argument("--factors", default="1.6,1.75,2.0", help="long-body factors of the current rule")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_segmenter(args.run, "cpu")
+    if args.split:
+        split = Split.load(args.run / "split.json")
+        cases = [case for group in args.split.split("+") for case in getattr(split, group)]
+    else:
+        first, last = (int(n) for n in args.cases.split(":"))
+        cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
+    current = levels.split_long_bodies
+    variants: dict[str, tuple[Callable, float, float]] = {
+        "session11 (whole-spine median x1.6, edge 5 %)": (_global_median_rule(levels), 1.6, 0.05),
+        "session11, edge 2 %": (_global_median_rule(levels), 1.6, 0.02),
+    }
+    for factor in (float(f) for f in args.factors.split(",")):
+        variants[f"neighbours x{factor:g}, edge 2 %"] = (current, factor, 0.02)
+    scores: dict[str, list] = {name: [] for name in variants}
+    scheme = mrspineseg_scheme()
+    for case in cases:
+        volume = read_volume(case.image_path, kind="image")
+        truth = read_volume(case.label_path, kind="label")
+        raw = predict_volume(model, volume, keep_probabilities=False, level_step=False).labels
+        for name, (rule, factor, edge) in variants.items():
+            levels.split_long_bodies, levels.LONG_BODY_EXTENT, levels.EDGE_MIN_FRACTION = rule, factor, edge
+            labels, _ = levels.make_levels_consistent(raw, volume.affine, scheme)
+            scores[name].append(case_metrics(labels, truth.array, truth.spacing, case_id=str(case.case_id)))
+    first_name = next(iter(variants))
+    report = {"run": str(args.run), "volumes": len(cases), "variants": {}}
+    for name, scored in scores.items():
+        summary = summarize(scored)
+        changed = [f"{s.case_id}:{s.mean_dice - b.mean_dice:+.3f}"
+                   for s, b in zip(scored, scores[first_name]) if abs(s.mean_dice - b.mean_dice) > 1e-9]
+        report["variants"][name] = {"dice": round(summary.mean_dice, 4),
+                                    "level_accuracy": round(summary.level_accuracy, 4),
+                                    "cases_all_levels_right": summary.cases_all_levels_right,
+                                    "changed": changed}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
