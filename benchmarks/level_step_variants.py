@@ -4,7 +4,7 @@
     python benchmarks/level_step_variants.py RUN --dataset vb3_l1l5_t1 --split unlabeled+validation
 
 The network labels each volume once without the level step; every variant then runs the
-step on those labels: the eleventh session's rules (a long body measured against the median
+step on those labels: the tenth session's rules (a long body measured against the median
 extent of the whole spine at 1.6 times, bodies the view cuts kept down to 5 % of the
 median), the edge share lowered to 2 %, and the current rule (measured against its
 neighbours) at several factors. Prints one JSON object: mean Dice, level accuracy and
@@ -24,7 +24,7 @@ import numpy as np
 
 
 def _global_median_rule(levels):
-    """The eleventh session's ``split_long_bodies``: the reference is the median extent of
+    """The tenth session's ``split_long_bodies``: the reference is the median extent of
     every body of the spine (sacrum left out), the factor 1.6."""
 
     def split(structures: Sequence, labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
     current = levels.split_long_bodies
     variants: dict[str, tuple[Callable, float, float]] = {
-        "session11 (whole-spine median x1.6, edge 5 %)": (_global_median_rule(levels), 1.6, 0.05),
-        "session11, edge 2 %": (_global_median_rule(levels), 1.6, 0.02),
+        "tenth session (whole-spine median x1.6, edge 5 %)": (_global_median_rule(levels), 1.6, 0.05),
+        "tenth session, edge 2 %": (_global_median_rule(levels), 1.6, 0.02),
     }
     for factor in (float(f) for f in args.factors.split(",")):
         variants[f"neighbours x{factor:g}, edge 2 %"] = (current, factor, 0.02)
