@@ -18,42 +18,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
 
-def _global_median_rule(levels):
-    """The tenth session's ``split_long_bodies``: the reference is the median extent of
-    every body of the spine (sacrum left out), the factor 1.6."""
-
-    def split(structures: Sequence, labels_flat: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
-              sacrum_id: int | None) -> list:
-        heights = {id(s): levels._heights(s, shape, affine) for s in structures}
-        bodies = [s for s in structures if s.majority != sacrum_id]
-        if len(bodies) < 3:
-            return sorted(structures, key=lambda s: s.height_mm)
-        typical = float(np.median([levels._extent(heights[id(b)]) for b in bodies]))
-        min_piece = levels.LONG_BODY_MIN_PIECE * float(np.median([b.size for b in bodies]))
-        bin_mm = levels._bin_mm(affine)
-        result = []
-        for s in structures:
-            own = heights[id(s)]
-            if s.majority == sacrum_id or levels._extent(own) < 1.6 * typical:
-                result.append(s)
-                continue
-            low, high = np.percentile(own, [5, 95])
-            centres, smooth = levels._height_profile(own, bin_mm)
-            middle = np.abs(centres - (low + high) / 2) <= (high - low) / 6
-            centres, smooth = centres[middle], smooth[middle]
-            cut = float(centres[np.lexsort((np.abs(centres - (low + high) / 2), smooth))[0]])
-            if min(int((own < cut).sum()), int((own >= cut).sum())) < min_piece:
-                result.append(s)
-                continue
-            result += levels._cut(s, own, [cut], labels_flat)
-        return sorted(result, key=lambda s: s.height_mm)
-
-    return split
+def _whole_spine_median(structure, bodies, extent) -> float:
+    """The tenth session's reference of ``split_long_bodies``: the median extent of every
+    body of the spine (the sacrum left out), the structure itself included."""
+    return float(np.median([extent[id(body)] for body in bodies]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         first, last = (int(n) for n in args.cases.split(":"))
         cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
-    current = levels.split_long_bodies
+    neighbours = levels._reference_extent
     variants: dict[str, tuple[Callable, float, float]] = {
-        "tenth session (whole-spine median x1.6, edge 5 %)": (_global_median_rule(levels), 1.6, 0.05),
-        "tenth session, edge 2 %": (_global_median_rule(levels), 1.6, 0.02),
+        "tenth session (whole-spine median x1.6, edge 5 %)": (_whole_spine_median, 1.6, 0.05),
+        "tenth session, edge 2 %": (_whole_spine_median, 1.6, 0.02),
     }
     for factor in (float(f) for f in args.factors.split(",")):
-        variants[f"neighbours x{factor:g}, edge 2 %"] = (current, factor, 0.02)
+        variants[f"neighbours x{factor:g}, edge 2 %"] = (neighbours, factor, 0.02)
     scores: dict[str, list] = {name: [] for name in variants}
     scheme = mrspineseg_scheme()
     for case in cases:
@@ -98,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         truth = read_volume(case.label_path, kind="label")
         raw = predict_volume(model, volume, keep_probabilities=False, level_step=False).labels
         for name, (rule, factor, edge) in variants.items():
-            levels.split_long_bodies, levels.LONG_BODY_EXTENT, levels.EDGE_MIN_FRACTION = rule, factor, edge
+            levels._reference_extent, levels.LONG_BODY_EXTENT, levels.EDGE_MIN_FRACTION = rule, factor, edge
             labels, _ = levels.make_levels_consistent(raw, volume.affine, scheme)
             scores[name].append(case_metrics(labels, truth.array, truth.spacing, case_id=str(case.case_id)))
     first_name = next(iter(variants))
