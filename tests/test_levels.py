@@ -223,7 +223,7 @@ def test_a_lumbar_body_with_its_disc_painted_on_is_not_cut_in_a_thoracic_view() 
     np.testing.assert_array_equal(fixed, labels)
 
 
-def test_a_body_the_view_cuts_is_no_yardstick_for_its_neighbour() -> None:
+def test_a_body_beside_one_the_view_cuts_stays_one_body() -> None:
     """T12 cut by the top of the view to 2 mm: beside it L1 (25 mm) looks twice as long as
     its neighbours, yet stays one body (its halves would lie too close to be two levels)."""
     labels = _life_size_spine()
