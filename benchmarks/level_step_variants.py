@@ -10,6 +10,12 @@ median), the edge share lowered to 2 %, and the current rule (measured against i
 neighbours) at several factors. Prints one JSON object: mean Dice, level accuracy and
 volumes with every level right per variant, and the volumes each variant changes against
 the first. Choose on validation, training or dev volumes, never on the test volumes.
+These variants leave the caudal-remnant rule out, as those sessions had it.
+
+    python benchmarks/level_step_variants.py RUN --split unlabeled+validation --caudal-gaps 0.85,0.95,1.05
+
+runs the step without the caudal-remnant rule (``levels.caudal_remnant``) and with it from
+each nearest gap instead (the furthest as in the engine).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--cases", help="FIRST:LAST, a slice of the dataset's cases")
     where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
     parser.add_argument("--factors", default="1.6,1.75,2.0", help="long-body factors of the current rule")
+    parser.add_argument("--caudal-gaps", default="",
+                        help="instead: the step without the caudal-remnant rule and with it at these gaps, e.g. 0.85,0.95,1.05")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
@@ -57,21 +65,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         first, last = (int(n) for n in args.cases.split(":"))
         cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
-    neighbours = levels._reference_extent
-    variants: dict[str, tuple[Callable, float, float]] = {
-        "tenth session (whole-spine median x1.6, edge 5 %)": (_whole_spine_median, 1.6, 0.05),
-        "tenth session, edge 2 %": (_whole_spine_median, 1.6, 0.02),
-    }
-    for factor in (float(f) for f in args.factors.split(",")):
-        variants[f"neighbours x{factor:g}, edge 2 %"] = (neighbours, factor, 0.02)
+    variants: dict[str, dict[str, object]]
+    if args.caudal_gaps:
+        variants = {"eleventh session (no caudal remnant)": {"caudal_remnant": lambda *_: None}}
+        for gap in (float(g) for g in args.caudal_gaps.split(",")):
+            variants[f"caudal remnant from {gap:g} gaps"] = {"CAUDAL_REMNANT_GAPS": (gap, levels.CAUDAL_REMNANT_GAPS[1])}
+    else:
+        no_remnant = {"caudal_remnant": lambda *_: None}
+        variants = {
+            "tenth session (whole-spine median x1.6, edge 5 %)": {
+                **no_remnant, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.05},
+            "tenth session, edge 2 %": {
+                **no_remnant, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.02},
+        }
+        for factor in (float(f) for f in args.factors.split(",")):
+            variants[f"neighbours x{factor:g}, edge 2 %"] = {**no_remnant, "LONG_BODY_EXTENT": factor, "EDGE_MIN_FRACTION": 0.02}
+    defaults = {name: getattr(levels, name) for variant in variants.values() for name in variant}
     scores: dict[str, list] = {name: [] for name in variants}
     scheme = mrspineseg_scheme()
     for case in cases:
         volume = read_volume(case.image_path, kind="image")
         truth = read_volume(case.label_path, kind="label")
         raw = predict_volume(model, volume, keep_probabilities=False, level_step=False).labels
-        for name, (rule, factor, edge) in variants.items():
-            levels._reference_extent, levels.LONG_BODY_EXTENT, levels.EDGE_MIN_FRACTION = rule, factor, edge
+        for name, overrides in variants.items():
+            for attribute, value in {**defaults, **overrides}.items():
+                setattr(levels, attribute, value)
             labels, _ = levels.make_levels_consistent(raw, volume.affine, scheme)
             scores[name].append(case_metrics(labels, truth.array, truth.spacing, case_id=str(case.case_id)))
     first_name = next(iter(variants))

@@ -33,7 +33,11 @@ Specks (below 10 % of the largest structure of their kind) and then structures s
 than ``min_fraction`` of the median of the rest are fragments, not bodies (specks, a piece of the sacrum painted L5 in two slices) and become
 background: a fragment below L5 would otherwise be counted as the lowest level and shift
 every name by one (seen on real vb3 predictions, where fragments were 13–17 % of the median
-body). A structure that reaches the superior end of the field of view is a level the field
+body). Size cannot tell such a fragment from the remnant of an L5 the network left mostly
+unpainted, where dropping it names every level one up; their height can: the structure
+just below the lowest level is kept as a level where it lies about one usual gap below it,
+where a part of the missing level lies, not the 0.76–0.89 gaps of the top of the sacrum
+(:func:`caudal_remnant`). A structure that reaches the superior end of the field of view is a level the field
 of view cuts, however small its visible part (phantom predictions kept 270–560 voxels of
 such bodies, a quarter of the median or less); it stays unless it is a speck of under
 :data:`EDGE_MIN_FRACTION` of the median. Counting starts at the caudal end, so a structure
@@ -76,6 +80,15 @@ MIN_PIECE_FRACTION = 0.25
 # voxels), which 0.05 dropped; at 0.02 the dev and training phantoms gained, none lost.
 EDGE_MIN_FRACTION = 0.02
 MIN_PIECE_OF_STRUCTURE = 0.2
+# A structure too small to be a level (not a speck) whose gap to the lowest level lies in this
+# range of usual gaps is the caudal level painted only in part, not a fragment: the remnant
+# of an L5 a 2-labeled network left mostly unpainted lay 1.08 gaps below the next body (real
+# vb3, 15 % of a body), where dropping it named every level one up. A piece of the top of
+# the sacrum painted L5 lies 0.76-0.89 gaps below L5 (estimated from the 20 vb3 masks: L5's
+# inferior end, the L4/L5 disc's height below it, and a 10 mm piece), so it stays a
+# fragment; and a part of a body lies within half a body's height (0.36 gaps on vb3) of its
+# centre, so one further down than 1.35 gaps is not a part of the level below.
+CAUDAL_REMNANT_GAPS = (0.95, 1.35)
 # A vertebra structure whose extent along the superior axis (5th-95th percentile of its
 # voxels' heights) reaches this many times its neighbouring bodies' is two bodies fused with
 # no waist (thin thoracic discs the network paints as bone, seen on the phantoms). Two bodies
@@ -446,6 +459,35 @@ def merge_close_pieces(structures: Sequence[Structure]) -> list[Structure]:
     return result
 
 
+def caudal_remnant(levels_kept: Sequence[Structure], dropped: Sequence[Structure]) -> Structure | None:
+    """The dropped structure that is the caudal level painted only in part, if any.
+
+    A network that leaves most of the lowest level unpainted keeps a remnant too small to
+    be a level; dropping it makes the next body the caudal end, so the count from there
+    names every level one off. The highest dropped structure below the lowest kept level is
+    that remnant when its gap to the lowest level, in median gaps of the kept levels, lies
+    within :data:`CAUDAL_REMNANT_GAPS`. With fewer than three kept levels there is no usual
+    gap and there is no remnant.
+
+    Args:
+        levels_kept: the structures kept as levels, sorted inferior to superior.
+        dropped: structures dropped as fragments (specks left out).
+
+    Returns:
+        The remnant, or None.
+    """
+    if len(levels_kept) < 3:
+        return None
+    pitch = float(np.median(np.diff([structure.height_mm for structure in levels_kept])))
+    lowest = levels_kept[0].height_mm
+    below = sorted((s for s in dropped if s.height_mm < lowest), key=lambda s: s.height_mm)
+    if pitch <= 0 or not below:
+        return None
+    gap = lowest - below[-1].height_mm
+    nearest, furthest = CAUDAL_REMNANT_GAPS
+    return below[-1] if nearest * pitch <= gap <= furthest * pitch else None
+
+
 @dataclass
 class LevelReport:
     """What :func:`make_levels_consistent` did.
@@ -574,6 +616,9 @@ def make_levels_consistent(
             return structure.size >= EDGE_MIN_FRACTION * typical and reaches_superior_end(structure, labels.shape, affine)
 
         kept[kind] = sorted((s for s in bodies + specks if is_level(s)), key=lambda s: s.height_mm)
+        remnant = caudal_remnant(kept[kind], [s for s in bodies if not is_level(s)])
+        if remnant is not None:
+            kept[kind].insert(0, remnant)
         kept_ids = {id(s) for s in kept[kind]}
         for dropped in (s for s in bodies + specks if id(s) not in kept_ids):
             flat[dropped.index] = 0

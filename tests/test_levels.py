@@ -253,3 +253,55 @@ def test_the_sacrum_is_never_cut_however_long() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     assert [entry[4] for entry in report.structures] == [S, L5, L4, L3, L2, L1]
     np.testing.assert_array_equal(fixed, labels)
+
+
+def _spine_with_caudal_piece(piece_rows: slice, piece_columns: slice, painted_one_up: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(prediction, expected)`` on a life-size L1..L5 spine (pitch 35 mm, bodies 6,000
+    voxels) with a piece painted L5 at ``piece_rows`` below L4. ``painted_one_up``: the
+    prediction leaves L5 unpainted but for the piece and names every body above it one level
+    up (L4 as L5, …, L1 as L2); otherwise L5 is whole and the piece lies below it."""
+    truth = np.zeros((215, 40, 8), dtype=np.uint8)
+    truth[:185] = _life_size_spine()
+    prediction = truth.copy()
+    if painted_one_up:
+        for class_id in (L5, L4, L3, L2):
+            prediction[truth == class_id + 1] = class_id
+        prediction[truth == L5] = 0
+    prediction[piece_rows, piece_columns, :] = L5
+    expected = truth.copy()
+    if painted_one_up:
+        expected[truth == L5] = 0
+        expected[piece_rows, piece_columns, :] = L5
+    return prediction, expected
+
+
+def test_an_l5_left_mostly_unpainted_is_named_from_its_remnant() -> None:
+    # 8 x 15 x 8 = 960 voxels (16 % of a body) of L5, centred 1.04 gaps below the next body:
+    # the rest of the spine is named one up, as a 2-labeled network named real vb3 case 17.
+    prediction, expected = _spine_with_caudal_piece(slice(155, 163), slice(10, 25), painted_one_up=True)
+    fixed, report = make_levels_consistent(prediction, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, expected)
+    assert report.removed_voxels == 0
+    assert [after for *_, after in report.structures] == [L5, L4, L3, L2, L1]
+
+
+@pytest.mark.parametrize(
+    ("piece_rows", "kept"),
+    [
+        # Centred 0.84 gaps below L5 (the top of the sacrum, behind the L5/S disc): a fragment.
+        (slice(183, 191), False),
+        # 0.96 gaps below L5: within the range where a part of a missing level lies.
+        (slice(187, 195), True),
+        # 1.39 gaps below L5: further than a part of the level below would lie.
+        (slice(202, 210), False),
+    ],
+)
+def test_a_piece_below_a_whole_l5_is_a_level_only_a_gap_below_it(piece_rows: slice, kept: bool) -> None:
+    prediction, expected = _spine_with_caudal_piece(piece_rows, slice(10, 25), painted_one_up=False)
+    fixed, report = make_levels_consistent(prediction, INFERIOR_AXIS0, SCHEME)
+    if kept:
+        assert report.removed_voxels == 0
+        assert [after for *_, after in report.structures] == [L5, L4, L3, L2, L1, 7]
+    else:
+        np.testing.assert_array_equal(fixed, expected)
+        assert report.removed_voxels == 8 * 15 * 8
