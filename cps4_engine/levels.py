@@ -37,7 +37,10 @@ body). Size cannot tell such a fragment from the remnant of an L5 the network le
 unpainted, where dropping it names every level one up; their height can: the structure
 just below the lowest level is kept as a level where it lies about one usual gap below it,
 where a part of the missing level lies, not the 0.76–0.89 gaps of the top of the sacrum
-(:func:`caudal_remnant`). A structure that reaches the superior end of the field of view is a level the field
+(:func:`caudal_remnant`). Where the sacrum is no class of the training masks (vb3, vb2), a
+network may paint the top of the sacrum L5 instead and name every body above it one level
+low; that piece lies closer below the next body than any L5 lies below L4, so it becomes
+background and the body above it is L5 (:func:`sacrum_piece`). A structure that reaches the superior end of the field of view is a level the field
 of view cuts, however small its visible part (phantom predictions kept 270–560 voxels of
 such bodies, a quarter of the median or less); it stays unless it is a speck of under
 :data:`EDGE_MIN_FRACTION` of the median. Counting starts at the caudal end, so a structure
@@ -89,6 +92,12 @@ MIN_PIECE_OF_STRUCTURE = 0.2
 # fragment; and a part of a body lies within half a body's height (0.36 gaps on vb3) of its
 # centre, so one further down than 1.35 gaps is not a part of the level below.
 CAUDAL_REMNANT_GAPS = (0.95, 1.35)
+# A lowest structure painted L5 that lies closer than this many usual gaps below the next
+# one is the top of the sacrum, not L5: on the 20 vb3, 6 vb2 and 40 phantom masks the gap
+# from L5 to L4 is at least 0.90, 0.88 and 0.84 usual gaps, while a 2-labeled network's
+# sacrum painted L5 lay 0.60-0.78 gaps below the true L5 (vb3 training volumes).
+SACRUM_PIECE_GAP = 0.8
+LOWEST_LUMBAR_SHORT_NAME = "L5"
 # A vertebra structure whose extent along the superior axis (5th-95th percentile of its
 # voxels' heights) reaches this many times its neighbouring bodies' is two bodies fused with
 # no waist (thin thoracic discs the network paints as bone, seen on the phantoms). Two bodies
@@ -488,6 +497,31 @@ def caudal_remnant(levels_kept: Sequence[Structure], dropped: Sequence[Structure
     return below[-1] if nearest * pitch <= gap <= furthest * pitch else None
 
 
+def sacrum_piece(levels_kept: Sequence[Structure], lowest_lumbar: int) -> Structure | None:
+    """The lowest structure, when it is the top of the sacrum painted as the lowest lumbar level.
+
+    Where the sacrum is not a class of the training masks (vb3, vb2), a network may paint
+    its top as L5 and name every body above it one level low. Vertebral bodies stand about
+    a usual gap apart; the top of the sacrum, behind the L5/S disc, lies closer to L5. The
+    lowest structure is that piece when its majority is ``lowest_lumbar`` and it lies less
+    than :data:`SACRUM_PIECE_GAP` times the median gap of the kept structures below the
+    next one (the median of at least three gaps, so neither this gap nor a missing level's
+    sets it). With fewer than four structures there is no usual gap to compare.
+
+    Args:
+        levels_kept: the structures kept as levels, sorted inferior to superior.
+        lowest_lumbar: the scheme's L5 id.
+
+    Returns:
+        The piece, or None.
+    """
+    if len(levels_kept) < 4 or levels_kept[0].majority != lowest_lumbar:
+        return None
+    gaps = np.diff([structure.height_mm for structure in levels_kept])
+    pitch, gap = float(np.median(gaps)), float(gaps[0])
+    return levels_kept[0] if pitch > 0 and gap < SACRUM_PIECE_GAP * pitch else None
+
+
 @dataclass
 class LevelReport:
     """What :func:`make_levels_consistent` did.
@@ -498,7 +532,8 @@ class LevelReport:
         removed_voxels: voxels of fragments set to background.
         changed_voxels: voxels whose label changed (specks included).
         anchor: how the vertebrae were counted: ``caudal`` (from the sacrum or L5 in
-            view), ``vote`` (the count most voxels agree with) or ``none``.
+            view), ``sacrum`` (L5 is the body above a piece of the sacrum painted L5),
+            ``vote`` (the count most voxels agree with) or ``none``.
     """
 
     structures: list[tuple[str, float, int, int, int]] = field(default_factory=list)
@@ -534,14 +569,21 @@ def level_steps(heights_mm: Sequence[float]) -> list[int]:
     return [0, *np.cumsum(steps).tolist()]
 
 
-def _count_levels(structures: Sequence[Structure], ids: Sequence[int], anchors: Sequence[int]) -> str:
-    """Give ``structures`` (inferior first) levels in order; returns the anchor used."""
+def _count_levels(
+    structures: Sequence[Structure], ids: Sequence[int], anchors: Sequence[int], first: int | None = None
+) -> str:
+    """Give ``structures`` (inferior first) levels in order; returns the anchor used.
+
+    ``first``: the position in ``ids`` of the lowest structure where anatomy fixes it (the
+    body above the sacrum is L5); otherwise the caudal anchor or the voxels' votes decide."""
     if not structures:
         return "none"
     steps = level_steps([s.height_mm for s in structures])
     starts = list(range(0, max(1, len(ids) - steps[-1])))
     lowest = structures[0].majority
-    if lowest in anchors and ids.index(lowest) in starts:
+    if first is not None and first in starts:
+        start, anchor = first, "sacrum"
+    elif lowest in anchors and ids.index(lowest) in starts:
         start, anchor = ids.index(lowest), "caudal"
     else:
         def agreement(first: int) -> int:
@@ -598,6 +640,8 @@ def make_levels_consistent(
     kept: dict[str, list[Structure]] = {}
     by_short = {info.short: info.id for info in scheme.classes}
     sacrum = by_short.get(SACRUM_SHORT_NAME)
+    lowest_lumbar = by_short.get(LOWEST_LUMBAR_SHORT_NAME)
+    above_sacrum = False
     for kind in ("vertebra", "disc"):
         structures = find_structures(labels, affine, scheme, kind)
         largest = max((s.size for s in structures), default=0)
@@ -619,6 +663,10 @@ def make_levels_consistent(
         remnant = caudal_remnant(kept[kind], [s for s in bodies if not is_level(s)])
         if remnant is not None:
             kept[kind].insert(0, remnant)
+        if kind == "vertebra" and lowest_lumbar is not None:
+            above_sacrum = sacrum_piece(kept[kind], lowest_lumbar) is not None
+            if above_sacrum:
+                kept[kind].pop(0)
         kept_ids = {id(s) for s in kept[kind]}
         for dropped in (s for s in bodies + specks if id(s) not in kept_ids):
             flat[dropped.index] = 0
@@ -626,7 +674,8 @@ def make_levels_consistent(
     vertebra_ids, disc_ids = spine_levels(scheme)
     vertebra_anchors = [by_short[name] for name in CAUDAL_ANCHOR_SHORT_NAMES if name in by_short]
     disc_anchors = [by_short[name] for name in CAUDAL_DISC_SHORT_NAMES if name in by_short]
-    report.anchor = _count_levels(kept["vertebra"], vertebra_ids, vertebra_anchors)
+    first = vertebra_ids.index(lowest_lumbar) if above_sacrum else None
+    report.anchor = _count_levels(kept["vertebra"], vertebra_ids, vertebra_anchors, first)
     if kept["vertebra"]:
         _name_discs(kept["disc"], kept["vertebra"], scheme)
     else:

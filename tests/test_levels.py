@@ -305,3 +305,29 @@ def test_a_piece_below_a_whole_l5_is_a_level_only_a_gap_below_it(piece_rows: sli
     else:
         np.testing.assert_array_equal(fixed, expected)
         assert report.removed_voxels == 8 * 15 * 8
+
+
+def test_the_top_of_the_sacrum_painted_l5_is_background_and_the_body_above_it_l5() -> None:
+    # 13 x 30 x 8 voxels painted L5 behind the L5/S disc, centred 0.7 gaps below L5, and
+    # every body above named one level low: a 2-labeled network on vb3 training volumes.
+    truth = np.zeros((215, 40, 8), dtype=np.uint8)
+    truth[:185] = _life_size_spine()
+    prediction = truth.copy()
+    for class_id in (L5, L4, L3, L2, L1):
+        prediction[truth == class_id] = class_id + 1
+    prediction[175:188, 5:35, :] = L5
+    fixed, report = make_levels_consistent(prediction, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, truth)
+    assert report.anchor == "sacrum"
+    assert report.removed_voxels == 13 * 30 * 8
+
+
+def test_an_l5_close_to_l4_stays_l5() -> None:
+    # L5 centred 0.83 gaps below L4, above the closest L5-L4 gap of the vb3, vb2 and
+    # phantom masks (0.84-0.90 gaps): a level, not the sacrum.
+    labels = _life_size_spine()
+    labels[labels == L5] = 0
+    labels[139:164, 5:35, :] = L5
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, labels)
+    assert report.anchor == "caudal"
