@@ -10,12 +10,13 @@ median), the edge share lowered to 2 %, and the current rule (measured against i
 neighbours) at several factors. Prints one JSON object: mean Dice, level accuracy and
 volumes with every level right per variant, and the volumes each variant changes against
 the first. Choose on validation, training or dev volumes, never on the test volumes.
-These variants leave the caudal-remnant rule out, as those sessions had it.
+These variants leave out the two caudal rules (``levels.caudal_remnant``,
+``levels.sacrum_piece``), as those sessions had it.
 
-    python benchmarks/level_step_variants.py RUN --split unlabeled+validation --caudal-gaps 0.85,0.95,1.05
+    python benchmarks/level_step_variants.py RUN --split unlabeled+validation --sacrum-gaps 0.7,0.8,0.85
 
-runs the step without the caudal-remnant rule (``levels.caudal_remnant``) and with it from
-each nearest gap instead (the furthest as in the engine).
+runs instead the step without the two caudal rules, with the remnant rule only, and with
+both, the sacrum piece's gap (``levels.SACRUM_PIECE_GAP``) at each value.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--cases", help="FIRST:LAST, a slice of the dataset's cases")
     where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
     parser.add_argument("--factors", default="1.6,1.75,2.0", help="long-body factors of the current rule")
-    parser.add_argument("--caudal-gaps", default="",
-                        help="instead: the step without the caudal-remnant rule and with it at these gaps, e.g. 0.85,0.95,1.05")
+    parser.add_argument("--sacrum-gaps", default="",
+                        help="instead: the step without the two caudal rules, with the remnant rule only, and with "
+                             "both, the sacrum piece's gap at each of these, e.g. 0.7,0.8,0.85")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
@@ -66,20 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         first, last = (int(n) for n in args.cases.split(":"))
         cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
     variants: dict[str, dict[str, object]]
-    if args.caudal_gaps:
-        variants = {"eleventh session (no caudal remnant)": {"caudal_remnant": lambda *_: None}}
-        for gap in (float(g) for g in args.caudal_gaps.split(",")):
-            variants[f"caudal remnant from {gap:g} gaps"] = {"CAUDAL_REMNANT_GAPS": (gap, levels.CAUDAL_REMNANT_GAPS[1])}
+    neither = {"caudal_remnant": lambda *_: None, "sacrum_piece": lambda *_: None}
+    if args.sacrum_gaps:
+        variants = {"eleventh session (neither caudal rule)": neither,
+                    "caudal remnant only": {"sacrum_piece": lambda *_: None}}
+        for gap in (float(g) for g in args.sacrum_gaps.split(",")):
+            variants[f"caudal remnant, sacrum piece below {gap:g} gaps"] = {"SACRUM_PIECE_GAP": gap}
     else:
-        no_remnant = {"caudal_remnant": lambda *_: None}
         variants = {
             "tenth session (whole-spine median x1.6, edge 5 %)": {
-                **no_remnant, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.05},
+                **neither, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.05},
             "tenth session, edge 2 %": {
-                **no_remnant, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.02},
+                **neither, "_reference_extent": _whole_spine_median, "LONG_BODY_EXTENT": 1.6, "EDGE_MIN_FRACTION": 0.02},
         }
         for factor in (float(f) for f in args.factors.split(",")):
-            variants[f"neighbours x{factor:g}, edge 2 %"] = {**no_remnant, "LONG_BODY_EXTENT": factor, "EDGE_MIN_FRACTION": 0.02}
+            variants[f"neighbours x{factor:g}, edge 2 %"] = {**neither, "LONG_BODY_EXTENT": factor, "EDGE_MIN_FRACTION": 0.02}
     defaults = {name: getattr(levels, name) for variant in variants.values() for name in variant}
     scores: dict[str, list] = {name: [] for name in variants}
     scheme = mrspineseg_scheme()
