@@ -331,3 +331,13 @@ def test_an_l5_close_to_l4_stays_l5() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     np.testing.assert_array_equal(fixed, labels)
     assert report.anchor == "caudal"
+
+
+def test_a_piece_of_l1_the_view_cuts_beside_l1_joins_it() -> None:
+    # 21 x 3 x 8 = 504 voxels (8 %: a speck by size) painted L1 apart from the L1 body, at
+    # its height and reaching the top of the view: a part of L1, not a T12 above it.
+    labels = _life_size_spine()
+    labels[0:21, 36:39, :] = L1
+    fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, labels)
+    assert [after for *_, after in report.structures] == [L5, L4, L3, L2, L1]
