@@ -10,13 +10,13 @@ median), the edge share lowered to 2 %, and the current rule (measured against i
 neighbours) at several factors. Prints one JSON object: mean Dice, level accuracy and
 volumes with every level right per variant, and the volumes each variant changes against
 the first. Choose on validation, training or dev volumes, never on the test volumes.
-These variants leave out the two caudal rules (``levels.caudal_remnant``,
-``levels.sacrum_piece``), as those sessions had it.
+These variants leave out the twelfth session's rules (``levels.caudal_remnant``,
+``levels.sacrum_piece``, ``levels.join_side_pieces``), as those sessions had it.
 
     python benchmarks/level_step_variants.py RUN --split unlabeled+validation --sacrum-gaps 0.7,0.8,0.85
 
-runs instead the step without the two caudal rules, with the remnant rule only, and with
-both, the sacrum piece's gap (``levels.SACRUM_PIECE_GAP``) at each value.
+runs instead the step without them, with the remnant rule only, with both caudal rules,
+the sacrum piece's gap (``levels.SACRUM_PIECE_GAP``) at each value, and the engine's step.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def _whole_spine_median(structure, bodies, extent) -> float:
     """The tenth session's reference of ``split_long_bodies``: the median extent of every
     body of the spine (the sacrum left out), the structure itself included."""
     return float(np.median([extent[id(body)] for body in bodies]))
+
+
+def _pieces_as_levels(levels_kept, pieces, shape, affine) -> list:
+    """The eleventh session's handling of ``levels.join_side_pieces``: a structure the view
+    cuts is a level of its own wherever it lies."""
+    return sorted([*levels_kept, *pieces], key=lambda structure: structure.height_mm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
     parser.add_argument("--factors", default="1.6,1.75,2.0", help="long-body factors of the current rule")
     parser.add_argument("--sacrum-gaps", default="",
-                        help="instead: the step without the two caudal rules, with the remnant rule only, and with "
-                             "both, the sacrum piece's gap at each of these, e.g. 0.7,0.8,0.85")
+                        help="instead: the step without this session's rules, with the remnant rule only, with both "
+                             "caudal rules at each of these sacrum-piece gaps (e.g. 0.7,0.8,0.85), and as the engine has it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
@@ -68,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         first, last = (int(n) for n in args.cases.split(":"))
         cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
     variants: dict[str, dict[str, object]]
-    neither = {"caudal_remnant": lambda *_: None, "sacrum_piece": lambda *_: None}
+    separate = {"join_side_pieces": _pieces_as_levels}
+    neither = {"caudal_remnant": lambda *_: None, "sacrum_piece": lambda *_: None, **separate}
     if args.sacrum_gaps:
-        variants = {"eleventh session (neither caudal rule)": neither,
-                    "caudal remnant only": {"sacrum_piece": lambda *_: None}}
+        variants = {"eleventh session (no caudal rules, side pieces separate)": neither,
+                    "caudal remnant only": {"sacrum_piece": lambda *_: None, **separate}}
         for gap in (float(g) for g in args.sacrum_gaps.split(",")):
-            variants[f"caudal remnant, sacrum piece below {gap:g} gaps"] = {"SACRUM_PIECE_GAP": gap}
+            variants[f"caudal remnant, sacrum piece below {gap:g} gaps"] = {"SACRUM_PIECE_GAP": gap, **separate}
+        variants["the engine's step (side pieces joined too)"] = {}
     else:
         variants = {
             "tenth session (whole-spine median x1.6, edge 5 %)": {
