@@ -704,7 +704,7 @@ def make_levels_consistent(
         remnant = caudal_remnant(kept[kind], [s for s in dropped if id(s) not in speck_ids])
         if remnant is not None:
             kept[kind].insert(0, remnant)
-            dropped.remove(remnant)
+            dropped = [s for s in dropped if s is not remnant]
         if kind == "vertebra" and lowest_lumbar is not None:
             above_sacrum = sacrum_piece(kept[kind], lowest_lumbar) is not None
             if above_sacrum:
