@@ -94,8 +94,8 @@ MIN_PIECE_OF_STRUCTURE = 0.2
 # centre, so one further down than 1.35 gaps is not a part of the level below.
 CAUDAL_REMNANT_GAPS = (0.95, 1.35)
 # A lowest structure painted L5 that lies closer than this many usual gaps below the next
-# one is the top of the sacrum, not L5: on the 20 vb3, 6 vb2 and 40 phantom masks the gap
-# from L5 to L4 is at least 0.90, 0.88 and 0.84 usual gaps, while a 2-labeled network's
+# one is the top of the sacrum, not L5: on the 20 vb3, 6 vb2 and 60 phantom masks the gap
+# from L5 to L4 is at least 0.90, 0.88 and 0.84 usual gaps (benchmarks/caudal_anatomy.py), while a 2-labeled network's
 # sacrum painted L5 lay 0.60-0.78 gaps below the true L5 (vb3 training volumes).
 SACRUM_PIECE_GAP = 0.8
 LOWEST_LUMBAR_SHORT_NAME = "L5"
