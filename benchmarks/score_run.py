@@ -2,11 +2,14 @@
 
     python benchmarks/score_run.py RUN --dataset vb3_l1l5_t1 --train-cases 14 [--no-level-step]
     python benchmarks/score_run.py RUN --data PHANTOMS_DEV --train-cases 0   # cps4 synth ... --seed 2027
+    python benchmarks/score_run.py RUN --split unlabeled+validation   # dev volumes, to choose on
 
 Re-scores a trained network with the current prediction (e.g. after a change of the 3D
 level step). Prints one JSON line; the per-case results go to
-RUN/test_scores[_no_level_step].json, or RUN/scores_<data folder>[_no_level_step].json
-with ``--data``.
+RUN/test_scores[_no_level_step].json, RUN/scores_<data folder>[_no_level_step].json
+with ``--data``, or RUN/scores_<groups>[_no_level_step].json with ``--split`` (volumes of the
+run's own split.json, e.g. its unlabeled and validation volumes, which a supervised run
+never trained on).
 """
 
 from __future__ import annotations
@@ -21,22 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cps4_engine.bench import _score_test_volumes, find_realdata
-    from cps4_engine.data import open_dataset
+    from cps4_engine.data import Split, open_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--dataset", default="vb3_l1l5_t1")
     parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
     parser.add_argument("--train-cases", type=int, default=14, help="cases before the test cases")
+    parser.add_argument("--split", help="groups of the run's split.json joined by +, instead of the test volumes")
     parser.add_argument("--no-level-step", dest="level_step", action="store_false")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = args.data or find_realdata(None) / args.dataset
-    cases = list(open_dataset(folder).cases)[args.train_cases :]
+    if args.split:
+        split = Split.load(args.run / "split.json")
+        cases = [case for group in args.split.split("+") for case in getattr(split, group)]
+    else:
+        cases = list(open_dataset(folder).cases)[args.train_cases :]
     test = [{"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)} for c in cases]
     scored = _score_test_volumes(args.run, test, "cpu", level_step=args.level_step)
     stem = f"scores_{args.data.name}" if args.data else "test_scores"
+    if args.split:
+        stem = f"scores_{args.split.replace('+', '_')}"
     name = f"{stem}.json" if args.level_step else f"{stem}_no_level_step.json"
     (args.run / name).write_text(json.dumps(scored, indent=1))
     print(json.dumps({"run": str(args.run), "level_step": args.level_step,

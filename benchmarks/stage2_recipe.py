@@ -38,6 +38,8 @@ def _variants() -> dict[str, dict]:
         "strong-labeled": {"labeled_strong": True},
         "weak-labeled": {"labeled_strong": False},
         "cpu-bf16": {"cpu_bf16": True},
+        "zoom25": {"weak_zoom": 0.25},
+        "rot20": {"weak_rotation": 20.0},
     }
 
 

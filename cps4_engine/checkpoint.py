@@ -190,6 +190,8 @@ _PRESET_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "context_slices": _int_in(0, 16),
     "fov_shift": _float_in(0.0, 1.0),
     "labeled_strong": _BOOL,
+    "weak_zoom": _float_in(0.0, 0.9),
+    "weak_rotation": _float_in(0.0, 180.0),
 }
 _SEGMENTER_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "in_channels": _int_in(1, 64),

@@ -73,9 +73,12 @@ class Preset:
         seg_res_units: residual units per level of the stage-2 segmenter (MONAI
             ``num_res_units``).
         fov_shift: the stage-2 weak augmentation shifts the slice along
-            superior-inferior by up to this fraction of its height (and zooms by up to
-            the same fraction), so that where the image border lies cannot tell the
-            network which level it is looking at.
+            superior-inferior by up to this fraction of its height, so that where the
+            image border lies cannot tell the network which level it is looking at.
+        weak_zoom: the stage-2 weak augmentation zooms each axis by up to this relative
+            amount (0.1: 0.9–1.1), so that a patient's size is not the network's cue.
+        weak_rotation: the stage-2 weak augmentation rotates the slice in plane by up
+            to this many degrees (a tilted lumbosacral junction).
         labeled_strong: the stage-2 labeled slices also get the strong intensity
             augmentation (bias field, contrast, noise, blur, dropout) on top of the weak
             view, as the unlabeled slices of the student do; False trains on their weak
@@ -110,6 +113,8 @@ class Preset:
     fov_shift: float = 0.05
     seg_res_units: int = 2
     labeled_strong: bool = False
+    weak_zoom: float = 0.1
+    weak_rotation: float = 10.0
 
     def to_dict(self) -> dict:
         """The preset as JSON-ready values (tuples become lists)."""

@@ -169,7 +169,8 @@ class Stage2Config:
         init_weights: a segmenter ``.safetensors`` file (e.g. a previous refinement
             round's ``model.safetensors``) the student and teacher start from instead of
             a random initialisation; ignored when resuming.
-        slice_size, keep_aspect, context_slices, fov_shift, labeled_strong: override the preset's
+        slice_size, keep_aspect, context_slices, fov_shift, labeled_strong, weak_zoom,
+        weak_rotation: override the preset's
             recipe (:class:`~cps4_engine.presets.Preset`) for ablations; None keeps it.
         schedule: learning-rate schedule, ``cosine`` (linear warm-up over the first 5 %
             of the steps, then cosine decay to 0) or ``constant``.
@@ -209,6 +210,8 @@ class Stage2Config:
     context_slices: int | None = None
     fov_shift: float | None = None
     labeled_strong: bool | None = None
+    weak_zoom: float | None = None
+    weak_rotation: float | None = None
     schedule: str = "cosine"
     gradient_clip: float | None = 1.0
 
@@ -639,6 +642,7 @@ class Stage2Trainer(StageTask):
             "slice_size": None if config.slice_size is None else tuple(int(n) for n in config.slice_size),
             "keep_aspect": config.keep_aspect, "context_slices": config.context_slices,
             "fov_shift": config.fov_shift, "labeled_strong": config.labeled_strong,
+            "weak_zoom": config.weak_zoom, "weak_rotation": config.weak_rotation,
         }
         self.preset: Preset = replace(
             get_preset(config.preset), **{key: value for key, value in recipe.items() if value is not None}
@@ -819,6 +823,8 @@ class Stage2Trainer(StageTask):
         self.trained = distributed.wrap_model(student, context)
         self.augmenter = SliceAugmenter(
             seed=config.seed * 7919 + context.rank,
+            rotate_degrees=self.preset.weak_rotation,
+            scale=self.preset.weak_zoom,
             translate_fraction=(self.preset.fov_shift, SliceAugmenter.DEFAULT_TRANSLATE),
         )
         sampler = torch.Generator().manual_seed(config.seed * 1000 + context.rank)
