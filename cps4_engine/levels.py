@@ -692,14 +692,18 @@ def make_levels_consistent(
         typical = float(np.median([s.size for s in bodies])) if bodies else 0.0
         speck_ids = {id(s) for s in specks}
 
-        def is_level(structure: Structure) -> bool:
+        def kept_because(structure: Structure) -> str | None:
+            """``size``, ``edge`` (small, but the superior end of the view cuts it) or None."""
             if structure.size >= min_fraction * typical and id(structure) not in speck_ids:
-                return True
-            return structure.size >= EDGE_MIN_FRACTION * typical and reaches_superior_end(structure, labels.shape, affine)
+                return "size"
+            if structure.size >= EDGE_MIN_FRACTION * typical and reaches_superior_end(structure, labels.shape, affine):
+                return "edge"
+            return None
 
-        dropped = [s for s in bodies + specks if not is_level(s)]
-        by_size = [s for s in bodies if s.size >= min_fraction * typical]
-        at_edge = [s for s in bodies + specks if is_level(s) and not any(s is b for b in by_size)]
+        reasons = [(structure, kept_because(structure)) for structure in bodies + specks]
+        dropped = [s for s, reason in reasons if reason is None]
+        by_size = [s for s, reason in reasons if reason == "size"]
+        at_edge = [s for s, reason in reasons if reason == "edge"]
         kept[kind] = join_side_pieces(by_size, at_edge, labels.shape, affine)
         remnant = caudal_remnant(kept[kind], [s for s in dropped if id(s) not in speck_ids])
         if remnant is not None:
