@@ -428,7 +428,8 @@ RUN_CASES = [
       for key, label, value in [
           ("slice_size", "negative", [-64, 32]), ("batch_size", "zero", 0), ("learning_rate", "nan", float("nan")),
           ("encoder_res_units", "1e9", 10**9), ("image_encoder", "other", "resnet"), ("fov_shift", "inf", float("inf")),
-          ("embed_dim", "zero", 0), ("keep_aspect", "text", "yes"),
+          ("embed_dim", "zero", 0), ("keep_aspect", "text", "yes"), ("weak_zoom", "one", 1.0),
+          ("weak_rotation", "negative", -5.0),
       ]),
     Case("run-max-steps-zero", _edited_run(_set(None, "max_steps", 0)), "'run.max_steps' is 0", CONFIG),
     Case("run-deep-nesting-20", _edited_run(_nested(20)), "nested more than 12 levels", CONFIG),

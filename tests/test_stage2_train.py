@@ -18,6 +18,7 @@ from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken
 from cps4_engine.fusion import RELIABILITY_CEILING, RELIABILITY_FLOOR
 from cps4_engine.io import Volume
+from cps4_engine.presets import Preset
 from cps4_engine.preprocess import UNKNOWN_LABEL, prepare_volume
 from cps4_engine.stage2 import (
     Stage2Config,
@@ -464,6 +465,26 @@ def test_reliability_weighting_without_the_file_or_with_a_broken_one_is_a_one_li
     broken = _stage1_with_reliability(tmp_path / "broken", [0.5] * 18)
     with pytest.raises(CPS4Error, match="'dice' must list 19"):
         Stage2Trainer(_config(dataset, tmp_path / "run", method="cps4", vlm=broken))
+
+
+@pytest.mark.parametrize(("weak_zoom", "weak_rotation", "zoom", "degrees"), [
+    (None, None, 0.1, 10.0),  # the preset's weak view
+    (0.25, 20.0, 0.25, 20.0),
+])
+def test_the_weak_views_zoom_and_rotation_come_from_the_recipe(
+    dataset: Path, tmp_path: Path, weak_zoom: float | None, weak_rotation: float | None, zoom: float, degrees: float
+) -> None:
+    trainer = Stage2Trainer(_config(dataset, tmp_path / "run", weak_zoom=weak_zoom, weak_rotation=weak_rotation))
+    context = distributed.setup("cpu")
+    try:
+        trainer.setup(context)
+    finally:
+        distributed.teardown(context)
+    assert trainer.augmenter.scale == zoom
+    assert trainer.augmenter.rotate_radians == pytest.approx(math.radians(degrees))
+    saved = trainer.run_config()["preset"]
+    assert (saved["weak_zoom"], saved["weak_rotation"]) == (zoom, degrees)
+    assert Preset.from_dict({k: v for k, v in saved.items() if k not in ("weak_zoom", "weak_rotation")}).weak_zoom == 0.1
 
 
 @pytest.mark.parametrize("labeled_strong", [False, True])
