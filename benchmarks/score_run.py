@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.data or find_realdata(None) / args.dataset
     if args.split:
         split = Split.load(args.run / "split.json")
-        cases = [case for group in args.split.split("+") for case in getattr(split, group)]
+        groups = args.split.split("+")
+        unknown = [g for g in groups if g not in ("labeled", "unlabeled", "validation", "test")]
+        if unknown:
+            parser.error(f"--split {args.split}: {', '.join(unknown)} is not a group of {args.run / 'split.json'}")
+        cases = [case for group in groups for case in getattr(split, group)]
     else:
         cases = list(open_dataset(folder).cases)[args.train_cases :]
     test = [{"case_id": str(c.case_id), "image": str(c.image_path), "label": str(c.label_path)} for c in cases]
