@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -255,9 +255,11 @@ def _vlm_task(settings: dict[str, Any], task: Task) -> dict[str, Any]:
 
 
 def _score_test_volumes(
-    run: Path, test_cases: list[dict[str, str]], device: str, level_step: bool = True
+    run: Path, test_cases: list[dict[str, str]], device: str, level_step: bool = True,
+    shifts: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     from cps4_engine.inference import load_segmenter, predict_volume
+    from cps4_engine.options import DEFAULT_TEST_TIME_SHIFTS
     from cps4_engine.io import read_volume
     from cps4_engine.metrics import case_metrics, summarize
 
@@ -266,7 +268,8 @@ def _score_test_volumes(
     for case in test_cases:
         image = read_volume(case["image"], kind="image")
         truth = read_volume(case["label"], kind="label")
-        prediction = predict_volume(model, image, keep_probabilities=False, level_step=level_step)
+        prediction = predict_volume(model, image, keep_probabilities=False, level_step=level_step,
+                                    shifts=DEFAULT_TEST_TIME_SHIFTS if shifts is None else shifts)
         scored.append(case_metrics(prediction.labels, truth.array, truth.spacing, case_id=case["case_id"]))
     summary = summarize(scored)
     return {

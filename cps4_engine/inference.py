@@ -9,7 +9,11 @@ are their argmax there, so outlines are not the model's pixel staircase
 has the input's shape and is written with the input's affine.
 
 The slices are fitted and stacked with their neighbours as the run was trained (its
-``segmenter`` config: ``keep_aspect``, ``context_slices``). Then, unless switched off,
+``segmenter`` config: ``keep_aspect``, ``context_slices``). The probabilities are the mean
+over copies of each slice moved along the spine (test-time shifts,
+:data:`cps4_engine.options.DEFAULT_TEST_TIME_SHIFTS`), each moved back before averaging:
+training moved the field of view along the spine too, and the average keeps less of what
+depends on where the frame happens to cut. Then, unless switched off,
 the 3D level step (:func:`cps4_engine.levels.make_levels_consistent`) gives every
 vertebral body and disc one label across slices, in anatomical order; what it did is
 kept in :attr:`Prediction.levels` and written beside the labels as
@@ -44,6 +48,7 @@ from cps4_engine.io import (
 from cps4_engine.labels import mrspineseg_scheme
 from cps4_engine.levels import LevelReport, make_levels_consistent
 from cps4_engine.models.segmenter import build_segmenter
+from cps4_engine.options import DEFAULT_TEST_TIME_SHIFTS, check_test_time_shifts
 from cps4_engine.preprocess import prepare_volume, restore_probabilities, restore_soft_labels, with_context
 
 WEIGHTS_NAME = "model.safetensors"
@@ -140,35 +145,87 @@ def _as_loaded(model: LoadedSegmenter | nn.Module, slice_size: tuple[int, int] |
     return LoadedSegmenter(model, (int(slice_size[0]), int(slice_size[1])), device)
 
 
-@torch.no_grad()
-def predict_slices(model: LoadedSegmenter | nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Softmax probabilities of preprocessed slices, in batches.
+def shift_rows(slices: torch.Tensor, rows: int) -> torch.Tensor:
+    """Move every slice ``rows`` pixels towards the bottom (inferior); negative moves up.
 
     Args:
-        model: a :class:`LoadedSegmenter` or a network mapping ``(B, 1, H, W)`` to
+        slices: ``(S, C, H, W)``.
+        rows: pixels to move; the rows moved in from outside are 0.
+
+    Returns:
+        A new tensor of the same shape.
+    """
+    moved = torch.zeros_like(slices)
+    height = slices.shape[-2]
+    if abs(rows) >= height:
+        return moved
+    if rows >= 0:
+        moved[..., rows:, :] = slices[..., : height - rows, :]
+    else:
+        moved[..., : height + rows, :] = slices[..., -rows:, :]
+    return moved
+
+
+@torch.no_grad()
+def _softmax_in_batches(loaded: LoadedSegmenter, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    use_amp = loaded.device.type == "cuda"
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size].to(loaded.device, non_blocking=True)
+        with torch.autocast(device_type=loaded.device.type, dtype=torch.float16, enabled=use_amp):
+            logits = loaded.network(batch)
+        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 20, *images.shape[-2:])
+
+
+@torch.no_grad()
+def predict_slices(
+    model: LoadedSegmenter | nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 8,
+    shifts: Sequence[float] = (0.0,),
+) -> torch.Tensor:
+    """Softmax probabilities of preprocessed slices, in batches, averaged over shifted copies.
+
+    For each shift ``f`` the slices are moved ``round(f * H)`` pixels along their rows
+    (superior to inferior; :func:`shift_rows`), segmented, and the probabilities moved
+    back. Each pixel's result is the mean over the copies that kept it in view (a copy
+    moved by ``f`` loses ``|f| * H`` rows at one end), so every pixel has at least the
+    copy with the smallest shift.
+
+    Args:
+        model: a :class:`LoadedSegmenter` or a network mapping ``(B, C, H, W)`` to
             ``(B, 20, H, W)`` logits.
-        images: float ``(S, 1, H, W)`` in [0, 1] at the network's slice size.
+        images: float ``(S, C, H, W)`` in [0, 1] at the network's slice size.
         batch_size: slices per forward pass.
+        shifts: fractions of the slice height in (-0.5, 0.5); ``(0.0,)`` is one plain pass.
 
     Returns:
         float32 ``(S, 20, H, W)`` on the CPU.
+
+    Raises:
+        CPS4Error: a batch size below 1, or shifts that are empty or out of range.
     """
     if batch_size < 1:
         raise CPS4Error(f"--batch-size must be at least 1, got {batch_size}")
+    check_test_time_shifts(shifts)
     loaded = _as_loaded(model, tuple(images.shape[-2:]))
     was_training = loaded.network.training
     loaded.network.eval()
-    use_amp = loaded.device.type == "cuda"
-    outputs = []
+    height = int(images.shape[-2])
+    total: torch.Tensor | None = None
+    views = torch.zeros(1, 1, height, 1)
     try:
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(loaded.device, non_blocking=True)
-            with torch.autocast(device_type=loaded.device.type, dtype=torch.float16, enabled=use_amp):
-                logits = loaded.network(batch)
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        for shift in shifts:
+            rows = round(shift * height)
+            moved_back = shift_rows(_softmax_in_batches(loaded, shift_rows(images, rows), batch_size), -rows)
+            in_view = shift_rows(torch.ones(1, 1, height, 1), -rows)
+            total = moved_back if total is None else total + moved_back
+            views = views + in_view
     finally:
         loaded.network.train(was_training)
-    return torch.cat(outputs) if outputs else torch.zeros(0, 20, *images.shape[-2:])
+    assert total is not None
+    return total / views.clamp(min=1.0)
 
 
 def predict_volume(
@@ -178,6 +235,7 @@ def predict_volume(
     slice_size: tuple[int, int] | None = None,
     keep_probabilities: bool = True,
     level_step: bool = True,
+    shifts: Sequence[float] = DEFAULT_TEST_TIME_SHIFTS,
 ) -> Prediction:
     """Segment one volume and return the result in its own voxel grid.
 
@@ -189,6 +247,8 @@ def predict_volume(
         keep_probabilities: also restore the 20 class probabilities to the voxel grid.
         level_step: apply the 3D level step to the labels (probabilities and confidence
             stay the network's).
+        shifts: test-time shifts along the spine, fractions of the slice height
+            (:func:`predict_slices`); ``(0.0,)`` is one plain pass.
 
     Returns:
         :class:`Prediction` with arrays of ``volume.shape``.
@@ -196,7 +256,7 @@ def predict_volume(
     loaded = _as_loaded(model, slice_size)
     stack = prepare_volume(volume, loaded.slice_size, keep_aspect=loaded.keep_aspect)
     images = with_context(torch.from_numpy(stack.images), loaded.context_slices)
-    probabilities = predict_slices(loaded, images, batch_size)
+    probabilities = predict_slices(loaded, images, batch_size, shifts)
     labels, confidence = restore_soft_labels(stack, probabilities)
     levels = None
     if level_step:
@@ -264,14 +324,15 @@ def predict_files(
     overwrite: bool = False,
     progress: Callable[[PredictedFiles], None] | None = None,
     level_step: bool = True,
+    shifts: Sequence[float] = DEFAULT_TEST_TIME_SHIFTS,
 ) -> list[PredictedFiles]:
     """Predict each image and write its results next to each other in ``out_dir``.
 
     For every image ``<name>.nii[.gz]``: ``<name>_labels.nii.gz`` (uint8 class ids),
     ``<name>_confidence.nii.gz`` (float32 winning-class probability) and, with
     ``probabilities``, ``<name>_probs.nii.gz`` (float32 ``(X, Y, Z, 20)``, class on the
-    4th axis). All carry the image's affine. ``<name>_levels.json`` records whether the
-    3D level step ran and what it changed. Writes are atomic.
+    4th axis). All carry the image's affine. ``<name>_levels.json`` records the test-time
+    shifts, whether the 3D level step ran and what it changed. Writes are atomic.
 
     Args:
         model: from :func:`load_segmenter`.
@@ -282,14 +343,17 @@ def predict_files(
         overwrite: replace existing outputs instead of refusing.
         progress: called after each image.
         level_step: apply the 3D level step (:func:`predict_volume`).
+        shifts: test-time shifts along the spine (:func:`predict_slices`).
 
     Returns:
         One :class:`PredictedFiles` per image, in order.
 
     Raises:
-        CPS4Error: bad or unreadable images, two images with the same name, or outputs
-            that exist already (without ``overwrite``); checked before any prediction.
+        CPS4Error: bad or unreadable images, two images with the same name, outputs
+            that exist already (without ``overwrite``) or bad shifts; checked before any
+            prediction.
     """
+    check_test_time_shifts(shifts)
     files = collect_images(images)
     out_dir = Path(out_dir)
     names: dict[str, Path] = {}
@@ -310,11 +374,11 @@ def predict_files(
         start = time.perf_counter()
         volume = read_volume(image, kind="image")
         prediction = predict_volume(
-            model, volume, batch_size, keep_probabilities=probabilities, level_step=level_step
+            model, volume, batch_size, keep_probabilities=probabilities, level_step=level_step, shifts=shifts
         )
         labels_path, confidence_path, probs_path = output_paths(image, out_dir)
         write_volume(labels_path, prediction.labels, volume.affine)
-        record = {"level_step": level_step, **(prediction.levels.to_dict() if prediction.levels else {})}
+        record = {"test_time_shifts": [float(shift) for shift in shifts], "level_step": level_step, **(prediction.levels.to_dict() if prediction.levels else {})}
         write_text_atomic(levels_path(image, out_dir), json.dumps(record, indent=1))
         write_volume(confidence_path, prediction.confidence, volume.affine)
         if prediction.probabilities is not None:

@@ -7,6 +7,8 @@ module does not import torch (the command line builds its parsers from it at sta
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from cps4_engine.errors import CPS4Error
 from cps4_engine.presets import PRESET_NAMES, get_preset
 
@@ -35,6 +37,14 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_LABELED = 2
 DEFAULT_VALIDATION = 0.1
 
+# Prediction averages the network over copies of each slice moved along the spine by these
+# fractions of the slice height (cps4_engine.inference.predict_slices). Training moves the
+# view by up to 25 %; on the dev volumes of three 2-labeled vb3 runs, 0 and ±10 % raised
+# Dice in every run and named no level differently (BENCHMARKS, fourteenth session).
+DEFAULT_TEST_TIME_SHIFTS: tuple[float, ...] = (0.0, -0.1, 0.1)
+# A copy moved by half the slice or more loses half of it.
+MAX_TEST_TIME_SHIFT = 0.5
+
 
 def default_steps(preset: str, stage: int) -> int:
     """The preset's default number of optimiser steps for stage 1 or stage 2.
@@ -46,6 +56,36 @@ def default_steps(preset: str, stage: int) -> int:
         raise CPS4Error(f"stage must be 1 or 2, got {stage!r}")
     settings = get_preset(preset)
     return settings.max_steps if stage == 1 else settings.stage2_max_steps
+
+
+def check_test_time_shifts(shifts: Sequence[float]) -> None:
+    """Raise a one-line error unless ``shifts`` is a non-empty list of fractions in (-0.5, 0.5).
+
+    Raises:
+        CPS4Error: no shift, or one whose size is :data:`MAX_TEST_TIME_SHIFT` or more.
+    """
+    if len(shifts) == 0:
+        raise CPS4Error("--test-time-shifts needs at least one shift (0 is one plain pass)")
+    outside = [shift for shift in shifts if not abs(float(shift)) < MAX_TEST_TIME_SHIFT]
+    if outside:
+        raise CPS4Error(
+            f"--test-time-shifts {outside[0]} is out of range; each shift is a fraction of the slice "
+            f"height between -{MAX_TEST_TIME_SHIFT} and {MAX_TEST_TIME_SHIFT}"
+        )
+
+
+def parse_test_time_shifts(text: str) -> tuple[float, ...]:
+    """``"0,-0.1,0.1"`` -> ``(0.0, -0.1, 0.1)``, checked (:func:`check_test_time_shifts`).
+
+    Raises:
+        CPS4Error: a part that is not a number, or shifts out of range.
+    """
+    try:
+        shifts = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise CPS4Error(f"--test-time-shifts {text!r} is not a comma-separated list of numbers") from None
+    check_test_time_shifts(shifts)
+    return shifts
 
 
 def device_choices() -> list[str]:

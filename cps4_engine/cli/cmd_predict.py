@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cps4_engine.options import DEFAULT_TEST_TIME_SHIFTS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,15 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep the network's per-slice labels: no 3D step giving each vertebra and disc one "
              "label in anatomical order (NAME_levels.json records which ran)",
     )
+    parser.add_argument(
+        "--test-time-shifts", default=",".join(f"{shift:g}" for shift in DEFAULT_TEST_TIME_SHIFTS),
+        metavar="F,F,…",
+        help="average the network over copies of each slice moved along the spine by these fractions "
+             "of the slice height (default: %(default)s; 0 is one plain pass)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from cps4_engine.errors import CPS4Error
     from cps4_engine.inference import PredictedFiles, load_segmenter, predict_files
+    from cps4_engine.options import parse_test_time_shifts
 
     if args.batch_size < 1:
         raise CPS4Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    shifts = parse_test_time_shifts(args.test_time_shifts)
     model = load_segmenter(args.run, args.device)
     print(f"segmenter from {args.run} on {model.device}, slices {model.slice_size[0]}×{model.slice_size[1]}", flush=True)
 
@@ -45,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     written = predict_files(
         model, args.images, args.out, args.batch_size, args.probabilities, args.overwrite, progress=report,
-        level_step=args.level_step,
+        level_step=args.level_step, shifts=shifts,
     )
     print(f"predicted {len(written)} image(s) into {args.out}")
     return 0
