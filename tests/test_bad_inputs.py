@@ -495,6 +495,12 @@ OPTION_CASES = [
     _option("train-out-missing", lambda d: ["train", str(d), "--labeled", "1"], "required: --out", "--out"),
     _option("predict-batch-size-0", lambda d: ["predict", str(d), str(d / "x.nii.gz"), "--out", str(d / "o"),
                                                "--batch-size", "0"], "batch-size", "--batch-size"),
+    *(_option(f"predict-test-time-shifts-{name}", lambda d, value=value: [
+        "predict", str(d), str(d / "x.nii.gz"), "--out", str(d / "o"), "--test-time-shifts", value],
+        problem, "--test-time-shifts")
+      for name, value, problem in (("half", "0,0.5", "0.5 is out of range"), ("nan", "nan", "nan is out of range"),
+                                   ("text", "0,up", "not a comma-separated list"),
+                                   ("empty", ",", "at least one shift"))),
     _option("unknown-command", lambda d: ["segment-everything"], "invalid choice", "segment-everything"),
     _option("unknown-option", lambda d: ["info", str(d), "--colour"], "unrecognized arguments", "--colour"),
     *(_option(f"{'-'.join(argv[:2]).strip('-')}-{argv[-1]}", lambda d, argv=argv: list(argv),
