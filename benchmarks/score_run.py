@@ -3,7 +3,7 @@
     python benchmarks/score_run.py RUN --dataset vb3_l1l5_t1 --train-cases 14 [--no-level-step]
     python benchmarks/score_run.py RUN --data PHANTOMS_DEV --train-cases 0   # cps4 synth ... --seed 2027
     python benchmarks/score_run.py RUN --split unlabeled+validation   # dev volumes, to choose on
-    python benchmarks/score_run.py RUN --split unlabeled+validation --test-time-shifts 0   # one plain pass
+    python benchmarks/score_run.py RUN --split unlabeled+validation --test-time-shifts 0,-0.1,0.1   # test-time shifts
 
 Re-scores a trained network with the current prediction (e.g. after a change of the 3D
 level step). Prints one JSON line; the per-case results go to

@@ -9,11 +9,10 @@ are their argmax there, so outlines are not the model's pixel staircase
 has the input's shape and is written with the input's affine.
 
 The slices are fitted and stacked with their neighbours as the run was trained (its
-``segmenter`` config: ``keep_aspect``, ``context_slices``). The probabilities are the mean
-over copies of each slice moved along the spine (test-time shifts,
-:data:`cps4_engine.options.DEFAULT_TEST_TIME_SHIFTS`), each moved back before averaging:
-training moved the field of view along the spine too, and the average keeps less of what
-depends on where the frame happens to cut. Then, unless switched off,
+``segmenter`` config: ``keep_aspect``, ``context_slices``). Optionally the probabilities
+are the mean over copies of each slice moved along the spine (test-time shifts; off by
+default, :data:`cps4_engine.options.DEFAULT_TEST_TIME_SHIFTS`), each moved back before
+averaging. Then, unless switched off,
 the 3D level step (:func:`cps4_engine.levels.make_levels_consistent`) gives every
 vertebral body and disc one label across slices, in anatomical order; what it did is
 kept in :attr:`Prediction.levels` and written beside the labels as
