@@ -1,6 +1,7 @@
 """Render the worst test volumes of a stage-2 run: image, truth, prediction without and with the level step.
 
     python benchmarks/render_cases.py RUN --dataset vb3_l1l5_t1 --train-cases 14 --worst 2 --out DIR
+    python benchmarks/render_cases.py RUN --train-cases 0 --worst 0 --cases 02,05 --test-time-shifts 0,-0.1,0.1 --out DIR
 
 Writes DIR/<case>.png (the sagittal slice with the most ground truth; ``--cases`` adds named
 cases) and prints each case's
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from cps4_engine.io import read_volume
     from cps4_engine.labels import mrspineseg_scheme
     from cps4_engine.metrics import case_metrics
+    from cps4_engine.options import parse_test_time_shifts
     from cps4_engine.report import save_overlay
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=int, default=14)
     parser.add_argument("--worst", type=int, default=2)
     parser.add_argument("--cases", default="", help="comma-separated case ids rendered besides the worst ones")
+    parser.add_argument("--test-time-shifts", default="0", metavar="F,F,…",
+                        help="fractions of the slice height (cps4 predict --test-time-shifts)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    shifts = parse_test_time_shifts(args.test_time_shifts)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
     scored = []
@@ -42,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in list(open_dataset(folder).cases)[args.train_cases :]:
         image = read_volume(case.image_path)
         truth = read_volume(case.label_path, kind="label")
-        raw = predict_volume(model, image, keep_probabilities=False, level_step=False).labels
-        stepped = predict_volume(model, image, keep_probabilities=False).labels
+        raw = predict_volume(model, image, keep_probabilities=False, level_step=False, shifts=shifts).labels
+        stepped = predict_volume(model, image, keep_probabilities=False, shifts=shifts).labels
         metrics = case_metrics(stepped, truth.array, truth.spacing, case_id=str(case.case_id))
         scored.append((metrics.mean_dice, case, image, truth, raw, stepped, metrics))
     scheme = mrspineseg_scheme()
