@@ -96,8 +96,17 @@ CAUDAL_REMNANT_GAPS = (0.95, 1.35)
 # A lowest structure painted L5 that lies closer than this many usual gaps below the next
 # one is the top of the sacrum, not L5: on the 20 vb3, 6 vb2 and 60 phantom masks the gap
 # from L5 to L4 is at least 0.90, 0.88 and 0.84 usual gaps (benchmarks/caudal_anatomy.py), while a 2-labeled network's
-# sacrum painted L5 lay 0.60-0.78 gaps below the true L5 (vb3 training volumes).
+# sacrum painted L5 lay 0.60-0.78 gaps below the true L5 (vb3 training volumes). Between
+# 0.7 and 0.8 the dev volumes held one of each (an L5 with the sacrum painted on at 0.76,
+# the sacrum at 0.78), so 0.7 would trade one for the other.
 SACRUM_PIECE_GAP = 0.8
+# A lowest structure painted L5 holding less than this share of the next structure's voxels,
+# under a next structure painted L5 as well, is the top of the sacrum as far down as an L5
+# remnant could begin (CAUDAL_REMNANT_GAPS[0]): such pieces held 28-58 % of the body above
+# at 0.79-0.89 usual gaps (real vb3 dev volumes, with and without test-time shifts), while
+# an L5 painted in part below an L4 painted L5 lay 1.00 gaps below it; whole neighbouring
+# lumbar bodies hold 74-130 % of each other's voxels.
+SACRUM_PIECE_SIZE = 2 / 3
 LOWEST_LUMBAR_SHORT_NAME = "L5"
 # A vertebra structure whose extent along the superior axis (5th-95th percentile of its
 # voxels' heights) reaches this many times its neighbouring bodies' is two bodies fused with
@@ -541,10 +550,16 @@ def sacrum_piece(levels_kept: Sequence[Structure], lowest_lumbar: int) -> Struct
     Where the sacrum is not a class of the training masks (vb3, vb2), a network may paint
     its top as L5 and name every body above it one level low. Vertebral bodies stand about
     a usual gap apart; the top of the sacrum, behind the L5/S disc, lies closer to L5. The
-    lowest structure is that piece when its majority is ``lowest_lumbar`` and it lies less
-    than :data:`SACRUM_PIECE_GAP` times the median gap of the kept structures below the
-    next one (the median of at least three gaps, so neither this gap nor a missing level's
-    sets it). With fewer than four structures there is no usual gap to compare.
+    lowest structure, with majority ``lowest_lumbar``, is that piece when it lies
+
+    - less than :data:`SACRUM_PIECE_GAP` times the usual gap below the next structure, or
+    - less than ``CAUDAL_REMNANT_GAPS[0]`` usual gaps below a next structure that is painted
+      ``lowest_lumbar`` too, and holds less than :data:`SACRUM_PIECE_SIZE` of its voxels:
+      the network itself names the body above L5, and the piece is a part of a body.
+
+    The usual gap is the median of at least three gaps of the kept structures, so neither
+    this gap nor a missing level's sets it. With fewer than four structures there is no
+    usual gap to compare.
 
     Args:
         levels_kept: the structures kept as levels, sorted inferior to superior.
@@ -555,9 +570,15 @@ def sacrum_piece(levels_kept: Sequence[Structure], lowest_lumbar: int) -> Struct
     """
     if len(levels_kept) < 4 or levels_kept[0].majority != lowest_lumbar:
         return None
+    lowest, above = levels_kept[0], levels_kept[1]
     gaps = np.diff([structure.height_mm for structure in levels_kept])
     pitch, gap = float(np.median(gaps)), float(gaps[0])
-    return levels_kept[0] if pitch > 0 and gap < SACRUM_PIECE_GAP * pitch else None
+    if pitch <= 0:
+        return None
+    if gap < SACRUM_PIECE_GAP * pitch:
+        return lowest
+    below_named_l5 = above.majority == lowest_lumbar and lowest.size < SACRUM_PIECE_SIZE * above.size
+    return lowest if below_named_l5 and gap < CAUDAL_REMNANT_GAPS[0] * pitch else None
 
 
 @dataclass

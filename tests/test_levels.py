@@ -341,3 +341,46 @@ def test_a_piece_of_l1_the_view_cuts_beside_l1_joins_it() -> None:
     fixed, report = make_levels_consistent(labels, INFERIOR_AXIS0, SCHEME)
     np.testing.assert_array_equal(fixed, labels)
     assert [after for *_, after in report.structures] == [L5, L4, L3, L2, L1]
+
+
+@pytest.mark.parametrize(
+    ("piece_rows", "sacrum"),
+    [
+        # 10 x 30 x 8 voxels (40 % of L5) centred 0.84 gaps below an L5 painted L5: the top
+        # of the sacrum, as test-time shifts left it on real vb3 dev volumes.
+        (slice(182, 192), True),
+        # The same piece centred 0.96 gaps below L5: where an L5 remnant may lie, so a level.
+        (slice(186, 196), False),
+    ],
+)
+def test_a_small_piece_below_a_body_painted_l5_is_the_sacrum_only_closer_than_a_remnant(
+    piece_rows: slice, sacrum: bool
+) -> None:
+    truth = np.zeros((215, 40, 8), dtype=np.uint8)
+    truth[:185] = _life_size_spine()
+    prediction = truth.copy()
+    prediction[piece_rows, 5:35, :] = L5
+    fixed, report = make_levels_consistent(prediction, INFERIOR_AXIS0, SCHEME)
+    if sacrum:
+        np.testing.assert_array_equal(fixed, truth)
+        assert report.anchor == "sacrum"
+        assert report.removed_voxels == 10 * 30 * 8
+    else:
+        assert report.anchor == "caudal"
+        assert [after for *_, after in report.structures] == [L5, L4, L3, L2, L1, 7]
+
+
+def test_an_l5_painted_in_part_below_an_l4_painted_l5_stays_l5() -> None:
+    # L5 painted in 10 of its 25 rows (40 % of L4), centred 0.99 gaps below L4, which the
+    # network painted L5 too: a 2-labeled network on a real vb3 dev volume. Counting from
+    # the caudal L5 names L4 again.
+    truth = _life_size_spine()
+    prediction = truth.copy()
+    prediction[145:170] = 0
+    prediction[152:162, 5:35, :] = L5
+    prediction[truth == L4] = L5
+    expected = truth.copy()
+    expected[145:170] = prediction[145:170]
+    fixed, report = make_levels_consistent(prediction, INFERIOR_AXIS0, SCHEME)
+    np.testing.assert_array_equal(fixed, expected)
+    assert report.anchor == "caudal"
