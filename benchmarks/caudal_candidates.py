@@ -11,8 +11,11 @@ gaps above it (``gap_above``), its voxels against the median kept vertebra (``si
 against the next one (``size_next``), its extent along the superior axis against the
 next one's (``extent_next``), its majority label, the share of its voxels that are the true
 L5 (``truth_l5``) or background (``truth_background``, the sacrum on vb3), whether the
-step took it for the sacrum, and the volume's Dice and level verdict with the step. Choose
-on validation, training or dev volumes, never on the test volumes.
+step took it for the sacrum, and the volume's Dice and level verdict with the step; then a
+last line with the mean Dice and the volumes with every level right. ``--sacrum-size 0``
+runs the step as the fourteenth session had it (no size rule), ``--sacrum-gap G`` with
+another ``levels.SACRUM_PIECE_GAP``. Choose on validation, training or dev volumes, never
+on the test volumes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
     parser.add_argument("--cache", type=Path, required=True, help="folder for the labels before the level step")
     parser.add_argument("--test-time-shifts", default=None, metavar="F,F,…")
+    parser.add_argument("--sacrum-size", type=float, default=None, help="levels.SACRUM_PIECE_SIZE instead of the engine's")
+    parser.add_argument("--sacrum-gap", type=float, default=None, help="levels.SACRUM_PIECE_GAP instead of the engine's")
     args = parser.parse_args(argv)
+    if args.sacrum_size is not None:
+        levels.SACRUM_PIECE_SIZE = args.sacrum_size
+    if args.sacrum_gap is not None:
+        levels.SACRUM_PIECE_GAP = args.sacrum_gap
     torch.set_num_threads(1)
     shifts = DEFAULT_TEST_TIME_SHIFTS if args.test_time_shifts is None else parse_test_time_shifts(args.test_time_shifts)
     if args.split:
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     levels.sacrum_piece = watched
     model = None
+    dice, right = [], 0
     for case in cases:
         volume = read_volume(case.image_path, kind="image")
         truth = read_volume(case.label_path, kind="label")
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 "taken_for_sacrum": report.anchor == "sacrum",
             })
         print(json.dumps(line), flush=True)
+        dice.append(scored.mean_dice)
+        right += scored.all_levels_right
+    print(json.dumps({"volumes": len(cases), "dice": round(float(np.mean(dice)), 4), "cases_all_levels_right": right}))
     return 0
 
 
