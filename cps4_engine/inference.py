@@ -10,7 +10,7 @@ has the input's shape and is written with the input's affine.
 
 The slices are fitted and stacked with their neighbours as the run was trained (its
 ``segmenter`` config: ``keep_aspect``, ``context_slices``). Optionally the probabilities
-are the mean over copies of each slice moved along the spine (test-time shifts; on by
+are the mean over copies of each slice moved along the spine (test-time shifts; off by
 default, :data:`cps4_engine.options.DEFAULT_TEST_TIME_SHIFTS`), each moved back before
 averaging. Then, unless switched off,
 the 3D level step (:func:`cps4_engine.levels.make_levels_consistent`) gives every

@@ -104,9 +104,9 @@ def test_test_time_shifts_average_each_pixel_over_the_copies_that_kept_it_in_vie
 def test_test_time_shifts_leave_a_network_that_only_looks_at_the_image_unchanged() -> None:
     volume = _box_volume()
     size = to_sagittal(volume.array, volume.affine).shape[1:]
-    plain = predict_volume(ThresholdNet(), volume, slice_size=size, shifts=(0.0,))
-    assert DEFAULT_TEST_TIME_SHIFTS == (0.0, -0.1, 0.1)
-    shifted = predict_volume(ThresholdNet(), volume, slice_size=size)
+    plain = predict_volume(ThresholdNet(), volume, slice_size=size)
+    assert DEFAULT_TEST_TIME_SHIFTS == (0.0,)
+    shifted = predict_volume(ThresholdNet(), volume, slice_size=size, shifts=(0.0, -0.1, 0.1))
     assert np.array_equal(plain.labels, shifted.labels)
     assert np.allclose(plain.probabilities, shifted.probabilities, atol=1e-6)
 
@@ -141,10 +141,10 @@ def test_load_segmenter_and_predict_files(stage2_run, tmp_path) -> None:
     # the resized winning probability is at least the best of the resized probabilities
     assert np.all(confidence >= probabilities.max(-1) - 1e-4) and confidence.max() <= 1.0
     record = json.loads((tmp_path / "out" / "Case7_levels.json").read_text())
-    assert record["test_time_shifts"] == [0.0, -0.1, 0.1] and record["level_step"] is True
-    predict_files(model, [image], tmp_path / "plain", shifts=(0.0,), level_step=False)
-    record = json.loads((tmp_path / "plain" / "Case7_levels.json").read_text())
-    assert record == {"test_time_shifts": [0.0], "level_step": False}
+    assert record["test_time_shifts"] == [0.0] and record["level_step"] is True
+    predict_files(model, [image], tmp_path / "shifted", shifts=(0.0, -0.1, 0.1), level_step=False)
+    record = json.loads((tmp_path / "shifted" / "Case7_levels.json").read_text())
+    assert record == {"test_time_shifts": [0.0, -0.1, 0.1], "level_step": False}
     with pytest.raises(CPS4Error, match="--overwrite"):
         predict_files(model, [image], tmp_path / "out")
     assert len(predict_files(model, [image], tmp_path / "out", overwrite=True)) == 1

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--test-time-shifts", default=",".join(f"{shift:g}" for shift in DEFAULT_TEST_TIME_SHIFTS),
         metavar="F,F,…",
         help="average the network over copies of each slice moved along the spine by these fractions "
-             "of the slice height (default: %(default)s; 0 is one plain pass, three times faster)",
+             "of the slice height, e.g. 0,-0.1,0.1 (default: %(default)s, one plain pass)",
     )
     parser.set_defaults(func=run)
 
