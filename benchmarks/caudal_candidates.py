@@ -26,14 +26,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from dev_cases import add_case_arguments, chosen_cases
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cps4_engine import levels
-    from cps4_engine.bench import find_realdata
-    from cps4_engine.data import Split, open_dataset
     from cps4_engine.inference import load_segmenter, predict_volume
     from cps4_engine.io import read_volume
     from cps4_engine.labels import mrspineseg_scheme
@@ -42,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a dataset of the real-data folder")
-    parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--cases", help="FIRST:LAST, a slice of the dataset's cases")
-    where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
+    add_case_arguments(parser)
     parser.add_argument("--cache", type=Path, required=True, help="folder for the labels before the level step")
     parser.add_argument("--test-time-shifts", default=None, metavar="F,F,…")
     parser.add_argument("--sacrum-size", type=float, default=None, help="levels.SACRUM_PIECE_SIZE instead of the engine's")
@@ -58,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         levels.SACRUM_PIECE_GAP = args.sacrum_gap
     torch.set_num_threads(1)
     shifts = DEFAULT_TEST_TIME_SHIFTS if args.test_time_shifts is None else parse_test_time_shifts(args.test_time_shifts)
-    if args.split:
-        split = Split.load(args.run / "split.json")
-        cases = [case for group in args.split.split("+") for case in getattr(split, group)]
-    else:
-        first, last = (int(n) for n in args.cases.split(":"))
-        cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
+    cases = chosen_cases(args, args.run)
     args.cache.mkdir(parents=True, exist_ok=True)
     scheme = mrspineseg_scheme()
     lowest_lumbar = next(info.id for info in scheme.classes if info.short == levels.LOWEST_LUMBAR_SHORT_NAME)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from dev_cases import add_case_arguments, chosen_cases
 
 
 def _whole_spine_median(structure, bodies, extent) -> float:
@@ -46,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cps4_engine import levels
-    from cps4_engine.bench import find_realdata
-    from cps4_engine.data import Split, open_dataset
     from cps4_engine.inference import load_segmenter, predict_volume
     from cps4_engine.io import read_volume
     from cps4_engine.labels import mrspineseg_scheme
@@ -55,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--dataset", default="vb3_l1l5_t1", help="a dataset of the real-data folder")
-    parser.add_argument("--data", type=Path, help="a dataset folder elsewhere (e.g. phantoms); overrides --dataset")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--cases", help="FIRST:LAST, a slice of the dataset's cases")
-    where.add_argument("--split", help="groups of the run's split.json joined by +, e.g. unlabeled+validation")
+    add_case_arguments(parser)
     parser.add_argument("--factors", default="1.6,1.75,2.0", help="long-body factors of the current rule")
     parser.add_argument("--sacrum-gaps", default="",
                         help="instead: the step without this session's rules, with the remnant rule only, with both "
@@ -67,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_segmenter(args.run, "cpu")
-    if args.split:
-        split = Split.load(args.run / "split.json")
-        cases = [case for group in args.split.split("+") for case in getattr(split, group)]
-    else:
-        first, last = (int(n) for n in args.cases.split(":"))
-        cases = list(open_dataset(args.data or find_realdata(None) / args.dataset).cases)[first:last]
+    cases = chosen_cases(args, args.run)
     variants: dict[str, dict[str, object]]
     separate = {"join_side_pieces": _pieces_as_levels}
     neither = {"caudal_remnant": lambda *_: None, "sacrum_piece": lambda *_: None, **separate}
