@@ -18,7 +18,8 @@ from cps4_engine.io import read_volume
 from cps4_engine.metrics import case_metrics
 from cps4_engine.models.segmenter import build_segmenter
 from cps4_engine.preprocess import prepare_volume, restore_labels, with_context
-from cps4_engine.stage2 import compute_prompt_cache, predict_slices
+from cps4_engine.inference import predict_slices
+from cps4_engine.stage2 import compute_prompt_cache
 from cps4_engine import classmaps
 
 torch.set_num_threads(1)
@@ -37,7 +38,7 @@ for group, cases in (("validation", split.validation), ("unlabeled", split.unlab
         volume = read_volume(case.image_path, kind="image"); truth = read_volume(case.label_path, kind="label")
         stack = prepare_volume(volume, size, keep_aspect=bool(config["segmenter"].get("keep_aspect", False)))
         images = torch.from_numpy(stack.images)
-        tp = predict_slices(teacher, with_context(images, int(config["segmenter"].get("context_slices", 0))), batch_size=16, amp=True)
+        tp = predict_slices(teacher, with_context(images, int(config["segmenter"].get("context_slices", 0))), batch_size=16)
         pp = compute_prompt_cache(vlm, images, torch.device("cpu")).float()
         for key in scores:
             mode, _, w = key.partition("@")

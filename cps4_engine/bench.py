@@ -312,7 +312,8 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
     from cps4_engine.metrics import case_metrics
     from cps4_engine.models.segmenter import build_segmenter
     from cps4_engine.preprocess import prepare_volume, restore_labels, with_context
-    from cps4_engine.stage2 import compute_prompt_cache, predict_slices
+    from cps4_engine.inference import predict_slices
+    from cps4_engine.stage2 import compute_prompt_cache
 
     torch_device = resolve_device(device)
     config = read_run_config(run, stage=2, scheme="mrspineseg")
@@ -345,7 +346,7 @@ def pseudo_label_quality(run: Path, vlm_run: Path | None, device: str) -> dict[s
         stack = prepare_volume(volume, size, keep_aspect=bool(config["segmenter"].get("keep_aspect", False)))
         images = torch.from_numpy(stack.images).to(torch_device)
         context = int(config["segmenter"].get("context_slices", 0))
-        teacher_probs = predict_slices(teacher, with_context(images, context), batch_size=16, amp=True)
+        teacher_probs = predict_slices(teacher, with_context(images, context), batch_size=16).to(torch_device)
         prompt_probs = compute_prompt_cache(vlm, images, torch_device).float() if vlm is not None else None
         for source in scores:
             combined = combine_with_teacher(

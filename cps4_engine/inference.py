@@ -49,6 +49,7 @@ from cps4_engine.levels import LevelReport, make_levels_consistent
 from cps4_engine.models.segmenter import build_segmenter
 from cps4_engine.options import DEFAULT_TEST_TIME_SHIFTS, check_test_time_shifts
 from cps4_engine.preprocess import prepare_volume, restore_probabilities, restore_soft_labels, with_context
+from cps4_engine.training import autocast
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -166,12 +167,11 @@ def shift_rows(slices: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _softmax_in_batches(loaded: LoadedSegmenter, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    use_amp = loaded.device.type == "cuda"
+def _softmax_in_batches(loaded: LoadedSegmenter, images: torch.Tensor, batch_size: int, amp: bool) -> torch.Tensor:
     outputs = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size].to(loaded.device, non_blocking=True)
-        with torch.autocast(device_type=loaded.device.type, dtype=torch.float16, enabled=use_amp):
+        with autocast(loaded.device, amp):
             logits = loaded.network(batch)
         outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(outputs) if outputs else torch.zeros(0, 20, *images.shape[-2:])
@@ -183,8 +183,12 @@ def predict_slices(
     images: torch.Tensor,
     batch_size: int = 8,
     shifts: Sequence[float] = (0.0,),
+    amp: bool = True,
 ) -> torch.Tensor:
     """Softmax probabilities of preprocessed slices, in batches, averaged over shifted copies.
+
+    The one forward pass over slices of the package: prediction, stage-2 validation and the
+    pseudo-label benchmarks all call it.
 
     For each shift ``f`` the slices are moved ``round(f * H)`` pixels along their rows
     (superior to inferior; :func:`shift_rows`), segmented, and the probabilities moved
@@ -198,6 +202,7 @@ def predict_slices(
         images: float ``(S, C, H, W)`` in [0, 1] at the network's slice size.
         batch_size: slices per forward pass.
         shifts: fractions of the slice height in (-0.5, 0.5); ``(0.0,)`` is one plain pass.
+        amp: bfloat16 autocast on CUDA (:func:`cps4_engine.training.autocast`).
 
     Returns:
         float32 ``(S, 20, H, W)`` on the CPU.
@@ -217,7 +222,7 @@ def predict_slices(
     try:
         for shift in shifts:
             rows = round(shift * height)
-            moved_back = shift_rows(_softmax_in_batches(loaded, shift_rows(images, rows), batch_size), -rows)
+            moved_back = shift_rows(_softmax_in_batches(loaded, shift_rows(images, rows), batch_size, amp), -rows)
             in_view = shift_rows(torch.ones(1, 1, height, 1), -rows)
             total = moved_back if total is None else total + moved_back
             views = views + in_view

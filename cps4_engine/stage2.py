@@ -80,6 +80,7 @@ from cps4_engine.checkpoint import load_weights, read_run_config, write_run_conf
 from cps4_engine.errors import CPS4Error
 from cps4_engine.events import CancelToken, TrainEvent, run_with_callback
 from cps4_engine.fusion import class_weights, combine_with_teacher, read_class_reliability
+from cps4_engine.inference import predict_slices
 from cps4_engine.options import (
     BASES,
     DEFAULT_BASE,
@@ -548,26 +549,6 @@ def compute_prompt_cache(vlm: Any, images: torch.Tensor, device: torch.device) -
 
 
 @torch.no_grad()
-def predict_slices(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool) -> torch.Tensor:
-    """Softmax of ``model`` over slices, in batches.
-
-    Args:
-        model: a segmenter in eval mode.
-        images: ``(N, 1, H, W)`` on the model's device.
-        batch_size: slices per forward pass.
-        amp: bfloat16 autocast (CUDA only).
-
-    Returns:
-        float32 ``(N, 20, H, W)`` probabilities.
-    """
-    outputs = []
-    for start in range(0, images.shape[0], batch_size):
-        with autocast(images.device, amp):
-            logits = model(images[start : start + batch_size])
-        outputs.append(torch.softmax(logits.float(), dim=1))
-    return torch.cat(outputs)
-
-
 def validation_dice(model: nn.Module, slices: SliceSet, device: torch.device, batch_size: int, amp: bool) -> float:
     """Mean over volumes of the 3D Dice over foreground classes present (MONAI DiceMetric).
 
@@ -583,23 +564,20 @@ def validation_dice(model: nn.Module, slices: SliceSet, device: torch.device, ba
     """
     from monai.metrics import DiceMetric
 
-    was_training = model.training
-    model.eval()
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     scores = []
     start = 0
     for stack in slices.stacks:
         count = stack.num_slices
-        images = slices.images[start : start + count].to(device)
+        images = slices.images[start : start + count]
         truth = slices.labels[start : start + count].to(device)
         start += count
-        predicted = predict_slices(model, images, batch_size, amp).argmax(dim=1)
+        predicted = predict_slices(model, images, batch_size, amp=amp).argmax(dim=1).to(device)
         pred_onehot = F.one_hot(predicted, NUM_CLASSES).permute(3, 0, 1, 2)[None]
         true_onehot = F.one_hot(truth, NUM_CLASSES).permute(3, 0, 1, 2)[None]
         per_class = metric(pred_onehot, true_onehot)[0]
         if torch.isfinite(per_class).any():
             scores.append(float(torch.nanmean(per_class)))
-    model.train(was_training)
     return float(np.mean(scores)) if scores else math.nan
 
 
